@@ -1,0 +1,135 @@
+// GGUF block formats: one plain struct per format, laid out byte for byte as ggml stores them,
+// with each size asserted at compile time. The layouts are ggml's (ggml-common.h); the code is
+// ours.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace jax_moe {
+
+// ggml type ids (part of the GGUF file format and of this library's ABI).
+enum class GGMLType : int32_t {
+  F32 = 0,
+  F16 = 1,
+  Q8_0 = 8,
+  Q2_K = 10,
+  Q3_K = 11,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14,
+  BF16 = 30,
+};
+
+// MoE kernel kinds (values are part of the ABI; mirrored by jax_moe.MoeKind).
+enum class MoeKind : int32_t { SCALAR_GGUF = 0, WMMA = 1, WMMA_GGUF = 2 };
+
+// Weight layouts of dense experts: [E, N, K] (GGUF's own) or [E, K, N] (Flax kernels).
+enum class WeightLayout : int32_t { ENK = 0, EKN = 1 };
+
+constexpr int QK8_0 = 32;   // elements per Q8_0 block
+constexpr int QK_K = 256;   // elements per K-quant super-block
+constexpr int K_SCALE_SIZE = 12;
+
+// 8-bit: y = d * q.
+struct block_q8_0 {
+  uint16_t d;          // fp16 scale
+  int8_t qs[QK8_0];    // quants
+};
+static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
+
+// 2-bit K-quant: 16 sub-blocks of 16, 4-bit scale and 4-bit min each.
+struct block_q2_K {
+  uint8_t scales[QK_K / 16];  // low nibble: scale, high nibble: min
+  uint8_t qs[QK_K / 4];       // 2-bit quants
+  uint16_t d;                 // fp16 super-block scale for the scales
+  uint16_t dmin;              // fp16 super-block scale for the mins
+};
+static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
+
+// 3-bit K-quant: 16 sub-blocks of 16, signed 6-bit scales, no mins.
+struct block_q3_K {
+  uint8_t hmask[QK_K / 8];  // high bit of each quant
+  uint8_t qs[QK_K / 4];     // low 2 bits of each quant
+  uint8_t scales[12];       // 16 scales of 6 bits, packed
+  uint16_t d;               // fp16 super-block scale
+};
+static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
+
+// 4-bit K-quant: 8 sub-blocks of 32, 6-bit scale and min each.
+struct block_q4_K {
+  uint16_t d;                    // fp16 super-block scale for the scales
+  uint16_t dmin;                 // fp16 super-block scale for the mins
+  uint8_t scales[K_SCALE_SIZE];  // 8 scales and 8 mins of 6 bits, packed
+  uint8_t qs[QK_K / 2];          // 4-bit quants
+};
+static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
+
+// 5-bit K-quant: 8 sub-blocks of 32, 6-bit scale and min each.
+struct block_q5_K {
+  uint16_t d;
+  uint16_t dmin;
+  uint8_t scales[K_SCALE_SIZE];
+  uint8_t qh[QK_K / 8];  // high bit of each quant
+  uint8_t qs[QK_K / 2];  // low 4 bits of each quant
+};
+static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
+
+// 6-bit K-quant: 16 sub-blocks of 16, signed 8-bit scales, no mins.
+struct block_q6_K {
+  uint8_t ql[QK_K / 2];      // low 4 bits of each quant
+  uint8_t qh[QK_K / 4];      // high 2 bits of each quant
+  int8_t scales[QK_K / 16];  // 8-bit scales
+  uint16_t d;                // fp16 super-block scale
+};
+static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
+
+// Activations staged for SCALAR_GGUF: 32 values as int8 with one scale (DESIGN.md §4).
+// `d` is the f16-rounded scale held as f32 (the value the integer dot products use); `sum` is
+// the integer sum of the quants, for the formats with mins.
+struct block_q8_1 {
+  float d;
+  int32_t sum;
+  int8_t qs[32];
+};
+static_assert(sizeof(block_q8_1) == 40, "staged activation block is 40 bytes");
+
+// Elements and bytes per block of a quantized type; 0 for types this library does not run.
+constexpr int block_elems(GGMLType t) {
+  return t == GGMLType::Q8_0 ? QK8_0
+         : (t == GGMLType::Q2_K || t == GGMLType::Q3_K || t == GGMLType::Q4_K ||
+            t == GGMLType::Q5_K || t == GGMLType::Q6_K)
+             ? QK_K
+             : 0;
+}
+
+constexpr int block_bytes(GGMLType t) {
+  switch (t) {
+    case GGMLType::Q8_0: return sizeof(block_q8_0);
+    case GGMLType::Q2_K: return sizeof(block_q2_K);
+    case GGMLType::Q3_K: return sizeof(block_q3_K);
+    case GGMLType::Q4_K: return sizeof(block_q4_K);
+    case GGMLType::Q5_K: return sizeof(block_q5_K);
+    case GGMLType::Q6_K: return sizeof(block_q6_K);
+    default: return 0;
+  }
+}
+
+constexpr bool is_quantized(GGMLType t) { return block_elems(t) != 0; }
+
+inline const char* type_name(GGMLType t) {
+  switch (t) {
+    case GGMLType::F32: return "F32";
+    case GGMLType::F16: return "F16";
+    case GGMLType::BF16: return "BF16";
+    case GGMLType::Q8_0: return "Q8_0";
+    case GGMLType::Q2_K: return "Q2_K";
+    case GGMLType::Q3_K: return "Q3_K";
+    case GGMLType::Q4_K: return "Q4_K";
+    case GGMLType::Q5_K: return "Q5_K";
+    case GGMLType::Q6_K: return "Q6_K";
+    default: return "unknown";
+  }
+}
+
+}  // namespace jax_moe

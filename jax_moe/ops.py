@@ -1,0 +1,111 @@
+"""``moe_matmul``: one MoE projection over routed (token, expert) pairs (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import batching as _batching  # noqa: F401  (registers the batching rule)
+from . import lowering as _lowering  # noqa: F401  (registers the lowerings)
+from .kinds import MoeKind, WeightLayout, dense_wtype
+from .primitive import moe_matmul_p
+from .quantized import QuantizedExperts
+from .shapes import check_expert_ids, check_kind_dtypes
+
+
+def _layout(weight_layout: str | WeightLayout) -> WeightLayout:
+    if isinstance(weight_layout, WeightLayout):
+        return weight_layout
+    if isinstance(weight_layout, str) and weight_layout.upper() in WeightLayout.__members__:
+        return WeightLayout[weight_layout.upper()]
+    raise ValueError(f'weight_layout must be "enk" ([E, N, K]) or "ekn" ([E, K, N]); got {weight_layout!r}')
+
+
+def _kind(kind: MoeKind | int | str | None, quantized: bool, x_dtype, w_dtype) -> MoeKind:
+    if kind is None:
+        if not quantized:
+            if np.dtype(x_dtype).name not in ("float16", "bfloat16") or np.dtype(w_dtype) != np.dtype(x_dtype):
+                raise TypeError(
+                    "dense experts run in float16 or bfloat16 with x and w of the same dtype; got "
+                    f"x {np.dtype(x_dtype).name} and w {np.dtype(w_dtype).name} (cast both, or "
+                    "quantize w with jax_moe.quantize to run float32 x through SCALAR_GGUF)"
+                )
+            return MoeKind.WMMA
+        return MoeKind.SCALAR_GGUF if np.dtype(x_dtype) == np.float32 else MoeKind.WMMA_GGUF
+    try:
+        kind = MoeKind[kind.upper()] if isinstance(kind, str) else MoeKind(kind)
+    except (KeyError, ValueError):
+        raise ValueError(f"kind must be a MoeKind (SCALAR_GGUF, WMMA, WMMA_GGUF) or None; got {kind!r}") from None
+    check_kind_dtypes(kind, x_dtype, quantized, w_dtype)
+    return kind
+
+
+def moe_matmul(
+    x: Any,
+    expert_ids: Any,
+    w: Any,
+    scores: Any = None,
+    *,
+    kind: MoeKind | int | str | None = None,
+    reduce: bool | None = None,
+    out_dtype: Any = None,
+    weight_layout: str | WeightLayout = "enk",
+) -> jax.Array:
+    """Apply each token's routed experts to its activations.
+
+    Args:
+      x: ``[T, K]`` (every routed pair of token t reads row t: the gate/up projection) or
+        ``[T, k, K]`` (pair (t, j) reads its own row: the down projection). float32 (with
+        quantized w only: SCALAR_GGUF), float16 or bfloat16.
+      expert_ids: int32 ``[T, k]``. An id outside ``[0, E)`` makes its pair contribute zero.
+      w: dense expert weights of x's dtype, ``[E, N, K]`` (``weight_layout="enk"``, GGUF's
+        layout) or ``[E, K, N]`` (``"ekn"``, Flax's); or ``QuantizedExperts`` ``[E, N, K]``.
+      scores: routing weights ``[T, k]`` (float32 or x's dtype), or None for 1.
+      kind: the kernel kind; None picks WMMA for dense w, WMMA_GGUF for quantized w with
+        float16/bfloat16 x and SCALAR_GGUF for quantized w with float32 x. An explicit kind that
+        contradicts the dtypes raises TypeError.
+      reduce: True (default when scores are given) sums over the k pairs of each token:
+        ``out[t] = sum_j scores[t, j] * W[ids[t, j]] @ xrow(t, j)``, ``[T, N]``. False keeps
+        them apart: ``out[t, j] = scores[t, j] * W[ids[t, j]] @ xrow(t, j)``, ``[T, k, N]``.
+      out_dtype: output dtype (float32, float16 or bfloat16); default x's dtype (float32 for
+        SCALAR_GGUF, which always writes float32).
+      weight_layout: ``"enk"`` or ``"ekn"`` for dense w (quantized w is always ENK).
+
+    Accumulation is float32 and the reduction over k runs in a fixed order, so results are
+    bitwise reproducible. Inference-only: differentiating through it raises an error.
+    """
+    x = jnp.asarray(x)
+    expert_ids = jnp.asarray(expert_ids)
+    check_expert_ids(expert_ids.shape, expert_ids.dtype)
+    quantized = isinstance(w, QuantizedExperts)
+    layout = _layout(weight_layout)
+    if quantized:
+        if layout != WeightLayout.ENK:
+            raise ValueError('quantized experts are stored [E, N, K]: weight_layout must be "enk"')
+        w_data = jnp.asarray(w.data)
+        w_dtype = None
+    else:
+        if isinstance(w, (tuple, list)) or not hasattr(w, "shape"):
+            raise TypeError(f"w must be a dense array or QuantizedExperts; got {type(w).__name__}")
+        w_data = jnp.asarray(w)
+        w_dtype = w_data.dtype
+    kind = _kind(kind, quantized, x.dtype, w_dtype)
+    if quantized and x.shape[-1:] != (w.K,):
+        raise ValueError(f"x must be [..., K] with K = {w.K} to match w {w}; got shape {list(x.shape)}")
+    if reduce is None:
+        reduce = scores is not None
+    if scores is None:
+        scores = jnp.ones(expert_ids.shape, jnp.float32)
+    else:
+        scores = jnp.asarray(scores)
+    if out_dtype is None:
+        out_dtype = np.float32 if kind == MoeKind.SCALAR_GGUF else x.dtype
+    wtype = int(w.qtype) if quantized else int(dense_wtype(x.dtype))
+    return moe_matmul_p.bind(
+        x, expert_ids, w_data, scores,
+        kind=int(kind), wtype=wtype, layout=int(layout), reduce=bool(reduce),
+        out_dtype=np.dtype(out_dtype),
+    )

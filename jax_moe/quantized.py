@@ -1,0 +1,117 @@
+"""GGUF-quantized expert weights: the ``QuantizedExperts`` pytree and the host codecs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _ext
+from .kinds import GGMLType, as_qtype, block_size, row_bytes
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedExperts:
+    """Expert weights ``[E, N, K]`` stored as GGUF blocks along K.
+
+    Attributes:
+      data: uint8 ``[E, N, K // QK * block_bytes]`` (numpy or jax array): the pytree's one leaf.
+      qtype: the GGUF format (static).
+      shape: the logical shape ``(E, N, K)`` (static).
+
+    This is exactly the layout of GGUF's expert tensors (``ffn_gate_exps`` ``[E, F, D]``,
+    ``ffn_down_exps`` ``[E, D, F]`` in numpy order), so file tensors are used as stored.
+    """
+
+    __slots__ = ("data", "qtype", "shape")
+
+    def __init__(self, data: Any, qtype: GGMLType | int | str, shape: tuple[int, int, int]):
+        qtype = as_qtype(qtype)
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or any(s < 0 for s in shape):
+            raise ValueError(f"shape must be (E, N, K) with non-negative sizes; got {shape}")
+        E, N, K = shape
+        qk = block_size(qtype)
+        if K % qk != 0:
+            raise ValueError(
+                f"K = {K} must be a multiple of the {qtype.name} block size {qk} "
+                f"(blocks run along K, the contracting dimension)"
+            )
+        expected = (E, N, row_bytes(qtype, K))
+        if tuple(data.shape) != expected:
+            raise ValueError(
+                f"data must be uint8 {list(expected)} for shape {shape} in {qtype.name}; "
+                f"got {np.dtype(data.dtype).name} {list(data.shape)}"
+            )
+        if np.dtype(data.dtype) != np.uint8:
+            raise ValueError(f"data must be uint8; got {np.dtype(data.dtype).name}")
+        self.data = data
+        self.qtype = qtype
+        self.shape = shape
+
+    @property
+    def E(self) -> int:
+        """Number of experts."""
+        return self.shape[0]
+
+    @property
+    def N(self) -> int:
+        """Output rows per expert."""
+        return self.shape[1]
+
+    @property
+    def K(self) -> int:
+        """Contracting dimension."""
+        return self.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized data."""
+        return int(np.prod(self.data.shape))
+
+    def tree_flatten(self):
+        return (self.data,), (self.qtype, self.shape)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        # No validation here: transformations rebuild the node with tracers, batched arrays or
+        # placeholders whose shapes differ from the logical one.
+        obj = object.__new__(cls)
+        obj.data, = children
+        obj.qtype, obj.shape = aux
+        return obj
+
+    def __repr__(self) -> str:
+        return f"QuantizedExperts(qtype={self.qtype.name}, shape={self.shape})"
+
+
+def quantize(array: Any, qtype: GGMLType | int | str) -> QuantizedExperts:
+    """Quantize expert weights ``[E, N, K]`` (any float dtype, numpy or jax) on the host.
+
+    Multi-threaded C++; Q8_0 is bit-exact with ``gguf.quants.quantize`` and the K-quants match
+    the error of ggml's reference quantizers. Returns a ``QuantizedExperts`` whose data is a
+    numpy array (move it with ``jax.device_put`` as any other leaf).
+    """
+    qtype = as_qtype(qtype)
+    a = np.asarray(array)
+    if a.ndim != 3:
+        raise ValueError(f"array must be [E, N, K]; got shape {list(a.shape)}")
+    if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
+        raise TypeError(f"array must be a float array; got {a.dtype.name}")
+    qk = block_size(qtype)
+    if a.shape[2] % qk != 0:
+        raise ValueError(
+            f"K = {a.shape[2]} (the last dimension of array) must be a multiple of the "
+            f"{qtype.name} block size {qk}"
+        )
+    data = _ext.cpu.quantize(np.ascontiguousarray(a, dtype=np.float32), int(qtype))
+    return QuantizedExperts(data, qtype, a.shape)
+
+
+def dequantize(q: QuantizedExperts) -> np.ndarray:
+    """Decode ``QuantizedExperts`` to float32 ``[E, N, K]`` on the host (bit-exact with ggml)."""
+    if not isinstance(q, QuantizedExperts):
+        raise TypeError(f"q must be a QuantizedExperts; got {type(q).__name__}")
+    data = np.ascontiguousarray(np.asarray(q.data), dtype=np.uint8)
+    return _ext.cpu.dequantize(data, int(q.qtype)).reshape(q.shape)

@@ -1,0 +1,85 @@
+"""Independent NumPy float64 references for the tests (no jax_moe code is used here)."""
+
+from __future__ import annotations
+
+import gguf
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+# (elements per block, bytes per block, byte offsets of the fp16 scale fields)
+BLOCKS = {
+    "Q8_0": (32, 34, (0,)),
+    "Q2_K": (256, 84, (80, 82)),
+    "Q3_K": (256, 110, (108,)),
+    "Q4_K": (256, 144, (0, 2)),
+    "Q5_K": (256, 176, (0, 2)),
+    "Q6_K": (256, 210, (208,)),
+}
+FORMATS = tuple(BLOCKS)
+
+
+def gguf_type(name: str) -> gguf.GGMLQuantizationType:
+    return gguf.GGMLQuantizationType[name]
+
+
+def round_to(a: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Round float values to dtype_name's precision and return them as float64."""
+    return np.asarray(a, np.float32).astype(DTYPES[dtype_name]).astype(np.float64)
+
+
+def random_blocks(rng: np.random.Generator, fmt: str, shape: tuple[int, ...], scale: float = 0.02) -> np.ndarray:
+    """Random bytes for blocks of `fmt` with finite fp16 scales: uint8 [*shape, n_blocks * bytes]."""
+    qk, bb, offsets = BLOCKS[fmt]
+    *lead, nblocks = shape
+    raw = rng.integers(0, 256, size=(*lead, nblocks, bb), dtype=np.uint8)
+    for off in offsets:
+        h = (rng.standard_normal((*lead, nblocks)) * scale).astype(np.float16)
+        raw[..., off:off + 2] = h.view(np.uint8).reshape(*lead, nblocks, 2)
+    return raw.reshape(*lead, nblocks * bb)
+
+
+def gguf_decode(data: np.ndarray, fmt: str, K: int) -> np.ndarray:
+    """Decode with the gguf package (the oracle): float32 [..., K]."""
+    lead = data.shape[:-1]
+    flat = data.reshape(-1, data.shape[-1])
+    out = gguf.quants.dequantize(flat, gguf_type(fmt))
+    return np.asarray(out, np.float32).reshape(*lead, K)
+
+
+def stage_q8_1(x: np.ndarray) -> np.ndarray:
+    """SCALAR_GGUF's activation staging, written from DESIGN.md §4: float64 of q * f16(d)."""
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.where(d == 0, np.float32(0), blocks / np.where(d == 0, np.float32(1), d)).astype(np.float32)
+    q = np.sign(v) * np.floor(np.abs(v).astype(np.float64) + 0.5)  # half away from zero
+    d16 = d.astype(np.float16).astype(np.float64)
+    return (q * d16).reshape(x.shape)
+
+
+def moe_reference(x, ids, w, scores, reduce: bool) -> np.ndarray:
+    """float64 MoE projection. x [T, K] or [T, k, K]; ids [T, k]; w [E, N, K]; scores [T, k]."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    scores = np.asarray(scores, np.float64)
+    T, k = ids.shape
+    E, N, _ = w.shape
+    out = np.zeros((T, k, N))
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            if 0 <= e < E:
+                row = x[t, j] if x.ndim == 3 else x[t]
+                out[t, j] = scores[t, j] * (w[e] @ row)
+    return out.sum(axis=1) if reduce else out
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
