@@ -19,9 +19,9 @@ from .primitive import moe_matmul_p
 _ffi_rule = jax.ffi.ffi_lowering(_ext.TARGET)
 
 
-def cuda_scratch_bytes(T: int, k: int, E: int, N: int, reduce: bool) -> int:
-    """Bytes of device scratch the CUDA handler needs (it checks the same formula)."""
-    return int(_ext.cuda.scratch_bytes(T, k, E, N, reduce)) if _ext.cuda is not None else 0
+def cuda_scratch_bytes(kind: int, T: int, k: int, E: int, N: int, K: int, x_rows: int, reduce: bool) -> int:
+    """Bytes of device scratch the CUDA handler needs (the handler checks the same layout)."""
+    return int(_ext.cuda.scratch_bytes(kind, T, k, E, N, K, x_rows, reduce))
 
 
 def _attrs(kind, wtype, layout, reduce):
@@ -40,10 +40,13 @@ def _lower_cuda(ctx, x, ids, w, scores, *, kind, wtype, layout, reduce, out_dtyp
             "Reinstall with a CUDA compiler on PATH (pip install . -Ccmake.define.JAX_MOE_CUDA=ON), "
             "or run on the CPU (jax.default_device(jax.devices('cpu')[0]))."
         )
-    T, k = ctx.avals_in[1].shape
-    E = ctx.avals_in[2].shape[0]
+    x_aval, ids_aval, w_aval = ctx.avals_in[:3]
+    T, k = ids_aval.shape
+    K = x_aval.shape[-1]
+    x_rows = T * k if len(x_aval.shape) == 3 else T
     N = ctx.avals_out[0].shape[-1]
-    scratch = core.ShapedArray((max(cuda_scratch_bytes(T, k, E, N, reduce), 1),), np.uint8)
+    nbytes = cuda_scratch_bytes(kind, T, k, w_aval.shape[0], N, K, x_rows, reduce)
+    scratch = core.ShapedArray((max(nbytes, 1),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, scratch])
     return _ffi_rule(ctx, x, ids, w, scores, **_attrs(kind, wtype, layout, reduce))[:1]
 

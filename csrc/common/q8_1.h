@@ -48,29 +48,33 @@ JM_HD void stage_q8_1(Load&& load, block_q8_1& out) {
   out.sum = sum;
 }
 
-// Dot product of one weight block (QK elements) with the QK / 32 staged activation blocks that
-// cover it: sum over sub-blocks s of dx * (a_s * sum(q_w * q_x) - m_s * sum(q_x)), f32 outside
-// the integer sums. Mathematically equal to decode(w) . dequant(x_staged).
+// Dot product of sub-block s of one weight block with the staged activations that cover that
+// block (xs points at the block's first q8_1 block): dx * (a_s * sum(q_w * q_x) - m_s * sum(q_x)),
+// integer sums, f32 outside them.
+template <class F>
+JM_HD float dot_subblock_q8_1(const typename F::Block& w, int s, const block_q8_1* xs) {
+  const int i0 = s * F::SUB;
+  const block_q8_1& xb = xs[i0 / QK8_1];
+  const int8_t* xq = xb.qs + (i0 % QK8_1);
+  int32_t sumi = 0, sumx = 0;
+  for (int i = 0; i < F::SUB; ++i) {
+    sumi += F::quant(w, i0 + i) * xq[i];
+    if (F::HAS_MIN && F::SUB != QK8_1) sumx += xq[i];
+  }
+  if (F::HAS_MIN && F::SUB == QK8_1) sumx = xb.sum;
+  float a, m;
+  F::scale_min(w, s, a, m);
+  float part = a * static_cast<float>(sumi);
+  if (F::HAS_MIN) part -= m * static_cast<float>(sumx);
+  return xb.d * part;
+}
+
+// Dot product of one weight block (QK elements) with its QK / 32 staged activation blocks;
+// mathematically equal to decode(w) . dequant(x_staged).
 template <class F>
 JM_HD float dot_block_q8_1(const typename F::Block& w, const block_q8_1* xs) {
   float acc = 0.0f;
-  constexpr int NSUB = F::QK / F::SUB;
-  for (int s = 0; s < NSUB; ++s) {
-    const int i0 = s * F::SUB;
-    const block_q8_1& xb = xs[i0 / QK8_1];
-    const int8_t* xq = xb.qs + (i0 % QK8_1);
-    int32_t sumi = 0, sumx = 0;
-    for (int i = 0; i < F::SUB; ++i) {
-      sumi += F::quant(w, i0 + i) * xq[i];
-      if (F::HAS_MIN && F::SUB != QK8_1) sumx += xq[i];
-    }
-    if (F::HAS_MIN && F::SUB == QK8_1) sumx = xb.sum;
-    float a, m;
-    F::scale_min(w, s, a, m);
-    float part = a * static_cast<float>(sumi);
-    if (F::HAS_MIN) part -= m * static_cast<float>(sumx);
-    acc += xb.d * part;
-  }
+  for (int s = 0; s < F::QK / F::SUB; ++s) acc += dot_subblock_q8_1<F>(w, s, xs);
   return acc;
 }
 

@@ -1,0 +1,58 @@
+// The CUDA FFI handler of moe_matmul: validate, then launch on XLA's stream. CUDA-graph safe:
+// no allocation (scratch is an extra output buffer), no synchronization, no host reads of device
+// data.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "../cuda/kernels.h"
+#include "cuda_handler.h"
+#include "validate.h"
+
+namespace jax_moe {
+
+static ffi::Error MoeMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer ids,
+                                    ffi::AnyBuffer w, ffi::AnyBuffer scores,
+                                    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> scratch,
+                                    int32_t kind, int32_t wtype, int32_t layout, bool reduce) {
+  MoeProblem p;
+  if (ffi::Error err = describe_problem(x, ids, w, scores, *out, kind, wtype, layout, reduce, p);
+      err.failure())
+    return err;
+  if (scratch->element_type() != ffi::DataType::U8 || scratch->dimensions().size() != 1)
+    return invalid("the scratch result must be a 1-D uint8 buffer");
+  if (p.kind != MoeKind::SCALAR_GGUF && p.x_dtype == DType::BF16) {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major < 8)
+      return invalid("bfloat16 tensor-core kinds need a GPU of compute capability 8.0 or newer");
+  }
+  MoeBuffers b;
+  b.x = x.untyped_data();
+  b.ids = static_cast<const int32_t*>(ids.untyped_data());
+  b.w = w.untyped_data();
+  b.scores = scores.untyped_data();
+  b.out = out->untyped_data();
+  const std::string err = moe_forward_cuda(p, b, static_cast<uint8_t*>(scratch->untyped_data()),
+                                           scratch->size_bytes(), stream);
+  if (err.rfind("scratch buffer", 0) == 0) return invalid(err);
+  if (!err.empty()) return ffi::Error::Internal("jax_moe.moe_matmul (cuda): " + err);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeMatmulCuda, MoeMatmulCudaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // expert_ids
+                                  .Arg<ffi::AnyBuffer>()  // w
+                                  .Arg<ffi::AnyBuffer>()  // scores
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // scratch (hidden by the wrapper)
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int32_t>("wtype")
+                                  .Attr<int32_t>("layout")
+                                  .Attr<bool>("reduce"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jax_moe

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On the lent H200 (device tool): build for sm_90, run the GPU suite and the CPU suite, then the
+# GPU suite (or a subset) under compute-sanitizer. Logs go to $OUT; a short summary prints last.
+#   bash tools/h200_check.sh [tests|sanitize|all] [pytest -k expression for the sanitizer runs]
+set -u
+MODE=${1:-all}
+SAN_K=${2:-"enk or Q4_K or Q3_K or scalar or edge or reproducible"}
+OUT=${OUT:-/tmp/jax_moe_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+if ! python3 -c "import jax_moe._jax_moe_cuda" 2>/dev/null; then
+  start=$(date +%s)
+  python3 -m pip install --no-build-isolation --no-deps -e . -Cbuild-dir=build/h200 \
+    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 -Ccmake.define.JAX_MOE_CUDA=ON > "$OUT/build.log" 2>&1 \
+    || { tail -60 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s"
+fi
+python3 -c "import jax, jax_moe; print('jax', jax.__version__, jax.devices()); print(jax_moe.build_info())"
+summary=()
+cd tests
+if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
+  python3 -m pytest -q -m gpu test_gpu.py -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  summary+=("gpu tests: $(tail -1 "$OUT/gpu_tests.log")")
+  python3 -m pytest -q test_codecs.py test_moe_matmul.py -p no:cacheprovider 2>&1 | tee "$OUT/cpu_tests.log" | tail -3
+  summary+=("cpu tests (jax on the device): $(tail -1 "$OUT/cpu_tests.log")")
+fi
+if [ "$MODE" = sanitize ] || [ "$MODE" = all ]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --print-limit 20 python3 -m pytest -q -m gpu test_gpu.py -p no:cacheprovider \
+      -k "($SAN_K) and not graphs and not million" > "$OUT/$tool.log" 2>&1
+    summary+=("$tool: $(grep -E '(passed|failed)' "$OUT/$tool.log" | tail -1) | $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | sort | uniq -c | tr '\n' ' ')")
+  done
+fi
+echo "===== summary"
+printf '%s\n' "${summary[@]}"
