@@ -1,0 +1,252 @@
+"""GPU benchmark: jax_moe against its peers on the same work, in one run (DESIGN.md §8).
+
+Each row is one (model, projection, T, kind, format). Every number is device time per call:
+R calls inside one jitted function (R >= 10), weights rotated among copies whose touched bytes
+add up to 4x the L2 cache, median of several runs, divided by R. Inputs are fresh random data.
+
+    python benchmarks/bench_moe.py --quick            # < 3 minutes
+    python benchmarks/bench_moe.py --out benchmarks/results/h200.json
+
+Columns: µs per call; weight TB/s (bytes of the experts actually routed to, over the time);
+TFLOP/s; % of the floor (max of bytes / 4.3 TB/s and flops / 790 TFLOP/s, the H200's measured
+ceilings); and each peer's µs: jax.lax.ragged_dot on rows sorted by expert, gather-then-einsum,
+torch._grouped_mm (when torch imports), and for GGUF formats "decode to bf16 in JAX, then the
+fastest dense peer".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1",
+)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import peers  # noqa: E402
+
+import jax_moe  # noqa: E402
+from jax_moe import MoeKind, QuantizedExperts, moe_matmul  # noqa: E402
+from jax_moe.kinds import GGMLType, block_bytes, block_size  # noqa: E402
+
+HBM_TBS = 4.3  # measured device-to-device copy on the H200 (bytes read + written)
+BF16_TFLOPS = 790.0  # measured bf16 GEMM on the H200
+L2_BYTES = 50e6
+
+SHAPES = {
+    ("mixtral", "gate_up"): dict(E=8, k=2, K=4096, N=2 * 14336, per_pair=False),
+    ("mixtral", "down"): dict(E=8, k=2, K=14336, N=4096, per_pair=True),
+    ("qwen3", "gate_up"): dict(E=128, k=8, K=2048, N=2 * 768, per_pair=False),
+    ("qwen3", "down"): dict(E=128, k=8, K=768, N=2048, per_pair=True),
+}
+SCALE_OFFSETS = {"Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def device_time(fn, args, calls: int, runs: int = 5) -> float:
+    """Seconds per call: fn(*args) makes `calls` calls inside one jit."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / calls
+
+
+def random_gguf(key, fmt: str, E: int, N: int, K: int) -> QuantizedExperts:
+    """Random GGUF blocks with finite fp16 scales in [1e-3, 1e-2], made on the device."""
+    qk, bb = block_size(fmt), block_bytes(fmt)
+    k1, k2 = jax.random.split(key)
+    raw = jax.random.bits(k1, (E, N, K // qk, bb), jnp.uint8)
+    for i, off in enumerate(SCALE_OFFSETS[fmt]):
+        h = jax.random.uniform(jax.random.fold_in(k2, i), (E, N, K // qk), jnp.float32, 1e-3, 1e-2)
+        hb = jax.lax.bitcast_convert_type(h.astype(jnp.float16), jnp.uint8)  # [..., 2]
+        raw = raw.at[..., off:off + 2].set(hb)
+    return QuantizedExperts(raw.reshape(E, N, K // qk * bb), fmt, (E, N, K))
+
+
+def route(rng, T: int, E: int, k: int) -> np.ndarray:
+    """k distinct experts per token, uniformly at random (as a top-k router gives)."""
+    return np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int32)
+
+
+def bench_row(rng, key, model: str, proj: str, T: int, kind: MoeKind, fmt: str, opts) -> dict:
+    sh = SHAPES[(model, proj)]
+    E, k, K, N, per_pair = sh["E"], sh["k"], sh["K"], sh["N"], sh["per_pair"]
+    quantized = kind != MoeKind.WMMA
+    ids = route(rng, T, E, k)
+    touched = len(np.unique(ids))
+    x_dtype = jnp.float32 if kind == MoeKind.SCALAR_GGUF else jnp.bfloat16
+    xs = (T, k, K) if per_pair else (T, K)
+    x = jnp.asarray(rng.standard_normal(xs, dtype=np.float32), x_dtype)
+    scores = jnp.asarray(rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)) if per_pair else None
+    reduce = per_pair
+    expert_bytes = N * (K // block_size(fmt) * block_bytes(fmt) if quantized else K * 2)
+    touched_bytes = touched * expert_bytes
+    copies = int(min(max(math.ceil(4 * L2_BYTES / touched_bytes), 1), 16,
+                     max(1, opts.weight_budget // (E * expert_bytes))))
+    keys = jax.random.split(key, copies)
+    if quantized:
+        ws = [random_gguf(kk, fmt, E, N, K) for kk in keys]
+    else:
+        ws = [(jax.random.normal(kk, (E, N, K), jnp.float32) / math.sqrt(K)).astype(jnp.bfloat16) for kk in keys]
+    calls = max(10, 2 * copies)
+    idsj = jnp.asarray(ids)
+
+    def ours(x, ids, s, *ws):
+        return tuple(moe_matmul(x, ids, ws[i % len(ws)], s, kind=kind, reduce=reduce) for i in range(calls))
+
+    t_ours = device_time(jax.jit(ours), (x, idsj, scores, *ws), calls)
+    flops = 2.0 * T * k * N * K
+    floor = max(touched_bytes / (HBM_TBS * 1e12), flops / (BF16_TFLOPS * 1e12))
+    row = dict(model=model, proj=proj, T=T, kind=kind.name, fmt=fmt, E=E, k=k, N=N, K=K,
+               us=t_ours * 1e6, weight_tbs=touched_bytes / t_ours / 1e12, tflops=flops / t_ours / 1e12,
+               floor_us=floor * 1e6, pct_floor=100.0 * floor / t_ours, copies=copies, calls=calls)
+
+    # Peers, on bf16 weights (decoded weights for GGUF) and the same routing.
+    if opts.peers:
+        dense = ws if not quantized else [
+            peers.DECODERS[fmt](w.data, E, N, K) if fmt in peers.DECODERS else None for w in ws]
+        if quantized and dense[0] is None:
+            dense = [(jax.random.normal(kk, (E, N, K), jnp.float32) / math.sqrt(K)).astype(jnp.bfloat16) for kk in keys]
+        xb = x.astype(jnp.bfloat16)
+        x_rows = np.asarray(xb.reshape(T * k, K) if per_pair else jnp.repeat(xb, k, axis=0))
+        x_sorted, group_sizes, _ = peers.sort_pairs(x_rows, ids, E)
+        x_sorted = jnp.asarray(x_sorted)
+        gs = jnp.asarray(group_sizes)
+        w_ekn = [jnp.swapaxes(w, 1, 2) for w in dense]
+        jax.block_until_ready(w_ekn)
+
+        def rd(xs_, gs_, *w):
+            return tuple(peers.ragged_dot(xs_, w[i % len(w)], gs_) for i in range(calls))
+
+        row["ragged_dot_us"] = device_time(jax.jit(rd), (x_sorted, gs, *w_ekn), calls) * 1e6
+        del w_ekn
+        if T * k * N * K * 2 <= opts.gather_budget:
+            def ge(x_, ids_, *w):
+                return tuple(peers.gather_einsum(x_, ids_, w[i % len(w)]) for i in range(calls))
+
+            row["gather_einsum_us"] = device_time(jax.jit(ge), (xb, idsj, *dense), calls) * 1e6
+        torch = peers.torch_grouped_mm()
+        if torch is not None:
+            try:
+                row["torch_grouped_mm_us"] = torch_time(torch, np.asarray(x_sorted.astype(jnp.float32)),
+                                                        group_sizes, E, N, K, copies, calls)
+            except Exception as e:  # noqa: BLE001 - report, don't fail the run
+                row["torch_grouped_mm_error"] = str(e)[:200]
+        if quantized and fmt in peers.DECODERS:
+            def dec(*w):
+                return tuple(peers.DECODERS[fmt](w[i % len(w)].data, E, N, K) for i in range(calls))
+
+            t_dec = device_time(jax.jit(dec), tuple(ws), calls) * 1e6
+            best = min(v for kk, v in row.items() if kk.endswith("_us") and kk.split("_us")[0] in
+                       ("ragged_dot", "gather_einsum", "torch_grouped_mm"))
+            row["decode_us"] = t_dec
+            row["decode_then_dense_us"] = t_dec + best
+        del dense
+    return row
+
+
+def torch_time(torch, x_sorted: np.ndarray, group_sizes: np.ndarray, E: int, N: int, K: int,
+               copies: int, calls: int) -> float:
+    dev = torch.device("cuda")
+    xs = torch.from_numpy(x_sorted).to(dev, torch.bfloat16)
+    offs = torch.from_numpy(np.cumsum(group_sizes).astype(np.int32)).to(dev)
+    ws = [(torch.randn(E, N, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)).transpose(-2, -1)
+          for _ in range(copies)]
+    for _ in range(2):
+        for i in range(calls):
+            torch._grouped_mm(xs, ws[i % copies], offs=offs)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for i in range(calls):
+            torch._grouped_mm(xs, ws[i % copies], offs=offs)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    del ws
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def fmt_row(r: dict) -> str:
+    def g(key):
+        v = r.get(key)
+        return f"{v:9.1f}" if isinstance(v, float) else f"{'-':>9}"
+    return (f"{r['model']:8s} {r['proj']:8s} {r['T']:5d} {r['kind']:11s} {r['fmt']:5s} {r['us']:9.1f} "
+            f"{r['weight_tbs']:6.2f} {r['tflops']:7.1f} {r['pct_floor']:6.1f}% {g('ragged_dot_us')} "
+            f"{g('gather_einsum_us')} {g('torch_grouped_mm_us')} {g('decode_then_dense_us')}")
+
+
+HEADER = (f"{'model':8s} {'proj':8s} {'T':>5s} {'kind':11s} {'fmt':5s} {'us':>9s} {'TB/s':>6s} "
+          f"{'TFLOP/s':>7s} {'%floor':>7s} {'ragged':>9s} {'einsum':>9s} {'torch':>9s} {'dec+best':>9s}")
+
+
+def plan(quick: bool):
+    rows = []
+    models = [("qwen3", "gate_up"), ("mixtral", "gate_up")] if quick else list(SHAPES)
+    Ts = (1, 64, 4096) if quick else (1, 8, 64, 512, 4096)
+    for model, proj in models:
+        for T in Ts:
+            rows.append((model, proj, T, MoeKind.WMMA, "bf16"))
+            for fmt in (["Q4_K"] if quick else ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]):
+                rows.append((model, proj, T, MoeKind.WMMA_GGUF, fmt))
+                if T == 1 and model == "mixtral" and proj == "gate_up":
+                    rows.append((model, proj, T, MoeKind.SCALAR_GGUF, fmt))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a subset that finishes in under 3 minutes")
+    ap.add_argument("--out", default="benchmarks/results/latest.json")
+    ap.add_argument("--no-peers", dest="peers", action="store_false")
+    ap.add_argument("--only", default="", help="substring filter on 'model/proj/T/kind/fmt'")
+    ap.add_argument("--weight-budget", type=float, default=24e9, help="bytes of weight copies per row")
+    ap.add_argument("--gather-budget", type=float, default=8e9, help="max bytes gathered by the einsum peer")
+    opts = ap.parse_args()
+    opts.weight_budget = int(opts.weight_budget)
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}; jax {jax.__version__}; jax_moe {jax_moe.build_info()}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+    rng = np.random.default_rng()
+    key = jax.random.PRNGKey(int(rng.integers(1 << 31)))
+    rows = []
+    print(HEADER, flush=True)
+    for i, (model, proj, T, kind, fmt) in enumerate(plan(opts.quick)):
+        tag = f"{model}/{proj}/{T}/{kind.name}/{fmt}"
+        if opts.only and not any(s in tag for s in opts.only.split(",")):
+            continue
+        try:
+            r = bench_row(rng, jax.random.fold_in(key, i), model, proj, T, kind, fmt, opts)
+        except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
+            print(f"{tag}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            rows.append(dict(model=model, proj=proj, T=T, kind=kind.name, fmt=fmt, error=str(e)[:500]))
+            continue
+        rows.append(r)
+        print(fmt_row(r), flush=True)
+    os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
+    with open(opts.out, "w") as f:
+        json.dump(dict(device=dev.device_kind, jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                       build=jax_moe.build_info(), rows=rows), f, indent=1)
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
