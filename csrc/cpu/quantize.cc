@@ -1,13 +1,19 @@
 // Host quantizers for the GGUF block formats (DESIGN.md §3).
 //
-// Q8_0 reproduces ggml's reference quantizer bit for bit. The K-quants work in three steps per
-// super-block: fit a scale (and min) to every sub-block by a least-squares search over candidate
-// scales; derive the fp16 super-block scale(s) from those; then, for every sub-block, search the
-// integer scales (and mins) around the rounded fit for the pair whose requantized values have
-// the least squared error. All the arithmetic stays in float (rounding by the 1.5 * 2^23 trick,
-// clamping that sends NaN to the low end), so NaN and infinite inputs never reach a float -> int
-// conversion; fp16 scales are kept finite. Must not be built with -ffast-math (the rounding
-// trick and Q8_0's exactness need IEEE semantics).
+// Q8_0 reproduces ggml's reference quantizer (and gguf.quants.quantize) bit for bit. The
+// K-quants work in three steps per super-block:
+//   1. fit a scale (and min) to every sub-block: unweighted least squares (the measure the
+//      quantizers are judged by) over a grid of candidate scales and level shifts, polished by
+//      requantizing and refitting;
+//   2. derive the fp16 super-block scale(s) from the largest fitted scale (and min);
+//   3. for every sub-block, try a few integer scales (and mins) around the rounded fit and keep
+//      the one whose requantized values, decoded exactly as Format<T> decodes them, have the
+//      least squared error.
+// The hot loops evaluate all candidates at once with the candidate index innermost, so the
+// compiler vectorizes them without reassociating any sum. Every float -> int conversion goes
+// through nearest_int (defined for any input) or a clamped value, so NaN and infinite inputs give
+// some output and never undefined behaviour; fp16 scales are always finite. Must not be built
+// with -ffast-math (nearest_int and Q8_0's exactness rely on IEEE arithmetic).
 #include "quantize.h"
 
 #include <algorithm>
@@ -21,57 +27,41 @@ namespace {
 
 constexpr float kHalfMax = 65504.0f;  // largest finite fp16
 
-// Nearest integer of v as a float, ties to even, exact for |v| < 2^22. Larger values come back
-// about unchanged and NaN stays NaN; callers clamp.
-inline float round_nearest(float v) { return (v + 12582912.0f) - 12582912.0f; }
+// Nearest integer of v (ties to even) for |v| < 2^22, by the 1.5 * 2^23 trick. Any other input
+// (huge, infinite, NaN) gives some int in [-2^22, 2^22) and no undefined behaviour.
+inline int nearest_int(float v) {
+  const float t = v + 12582912.0f;
+  int32_t i;
+  std::memcpy(&i, &t, sizeof i);
+  return (i & 0x007fffff) - 0x00400000;
+}
 
-// v clamped to [lo, hi]; NaN gives lo.
-inline float clampf(float v, float lo, float hi) { return std::min(hi, std::max(lo, v)); }
+// The integer nearest v clamped to [lo, hi], as a float. Clamping in integers keeps the loops
+// that use it free of floating-point branches, which the compiler would not vectorize.
+inline float level(float v, int lo, int hi) {
+  return static_cast<float>(std::min(std::max(nearest_int(v), lo), hi));
+}
+
+// As level, for v >= -0.5 (or NaN, which yields some value): only the upper clamp.
+inline float level_up_to(float v, int hi) { return static_cast<float>(std::min(nearest_int(v), hi)); }
 
 // fp16 bits of a super-block scale, forced finite: NaN becomes 0, magnitudes clamp to 65504.
 inline uint16_t half_finite(float v) {
   if (!(v == v)) return 0;
-  return float_to_half(clampf(v, -kHalfMax, kHalfMax));
-}
-
-// Sum of v[0..N) (N a power of two >= 4) by pairwise halving, which overwrites v: a fixed order
-// made of element-wise adds, so the compiler vectorizes it without reassociating.
-template <int N>
-inline float tree_sum(float* v) {
-  static_assert(N >= 4 && (N & (N - 1)) == 0, "N must be a power of two >= 4");
-  if constexpr (N > 4) {
-    for (int i = 0; i < N / 2; ++i) v[i] += v[i + N / 2];
-    return tree_sum<N / 2>(v);
-  } else {
-    return (v[0] + v[2]) + (v[1] + v[3]);
-  }
-}
-
-// Sum of a[i] * b[i] over N.
-template <int N>
-inline float dot(const float* a, const float* b) {
-  float p[N];
-  for (int i = 0; i < N; ++i) p[i] = a[i] * b[i];
-  return tree_sum<N>(p);
-}
-
-// Sum of a[i] over N.
-template <int N>
-inline float sum(const float* a) {
-  float p[N];
-  for (int i = 0; i < N; ++i) p[i] = a[i];
-  return tree_sum<N>(p);
+  return float_to_half(std::min(std::max(v, -kHalfMax), kHalfMax));
 }
 
 // ------------------------------------------------------------------------------------------
 // Q8_0: ggml's reference, bit for bit.
 
-// roundf (half away from zero) of v, exact for |v| <= 127; NaN gives 0, saturates at +-127.
+// roundf (half away from zero) of v for |v| <= 127; larger finite values saturate at +-127 and
+// NaN or infinity (x / d for a d near 0) give 0, as numpy's cast does on x86. v is only
+// compared, never added to, so no fused multiply-add can absorb its rounding.
 inline int round_away_q8(float v) {
-  if (!(std::fabs(v) <= 127.0f)) return v > 0.0f ? 127 : (v < 0.0f ? -127 : 0);
-  const int t = static_cast<int>(v);          // truncation toward zero
-  const float r = v - static_cast<float>(t);  // exact fractional part
-  return t + (r >= 0.5f ? 1 : 0) - (r <= -0.5f ? 1 : 0);
+  if (!(std::fabs(v) <= 127.0f)) return std::isfinite(v) ? (v > 0.0f ? 127 : -127) : 0;
+  const int t = static_cast<int>(v);  // truncation toward zero
+  const float ft = static_cast<float>(t);
+  return t + (v >= ft + 0.5f ? 1 : 0) - (v <= ft - 0.5f ? 1 : 0);
 }
 
 // One Q8_0 block: d = max|x| / 127, q = roundf(x * (1/d)), d stored as fp16. If d overflows
@@ -90,130 +80,202 @@ void quantize_q8_0(const float* x, block_q8_0& b) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Sub-block fits (unweighted least squares: the quality measure is the plain squared error).
+// Sub-block fits: plain (unweighted) least squares, the measure the quantizers are judged by.
 
-// Candidate inverse scales of a fit: (levels + first + step * i) / range for i in [0, count).
+// The candidates of a fit: `offsets` shifts of the level grid (spread evenly over one level)
+// for each inverse scale (top level + first + step * k) / span, k = 0, 1, ...
 struct Grid {
   float first, step;
-  int count;
+  int offsets;
 };
 
+// Inverse scale (before dividing by the span) and level shift of candidate c of `grid`.
+inline void grid_candidate(const Grid& grid, int top, int c, float& iscale, float& shift) {
+  iscale = static_cast<float>(top) + grid.first + grid.step * static_cast<float>(c / grid.offsets);
+  shift = (static_cast<float>(c % grid.offsets) + 0.5f) / static_cast<float>(grid.offsets) - 0.5f;
+}
+
+// Least-squares x ~ a*l + b with b <= 0 from the sums over n elements of x, x^2, l, l^2, x*l.
+// Returns the squared error (sxx - a*sxl - b*sx at the optimum), or infinity when the levels
+// cannot carry a positive scale.
+inline float solve_scale_min(float n, float sx, float sxx, float sl, float sll, float sxl,
+                             float& a, float& b) {
+  const float det = n * sll - sl * sl;  // 0 when all levels are equal
+  a = b = 0.0f;
+  if (det > 0.0f) {
+    const float inv = 1.0f / det;
+    a = (n * sxl - sx * sl) * inv;
+    b = (sll * sx - sl * sxl) * inv;
+  }
+  if (!(det > 0.0f) || b > 0.0f) {  // b must not be positive: fit through the origin
+    b = 0.0f;
+    a = sll > 0.0f ? sxl / sll : 0.0f;
+  }
+  return a > 0.0f ? sxx - a * sxl - b * sx : INFINITY;
+}
+
 // Fit x ~ a*l - m with integer l in [0, NL], a > 0 and m >= 0 (the range always covers 0, as the
-// K-quants subtract their mins). Each candidate inverse scale of `grid` quantizes the sub-block,
-// the least-squares (a, m) for those levels is solved in closed form, and the best candidate is
-// polished by alternating requantization and refit. A constant sub-block gives a = 0 and
-// m = -min(x, 0).
-template <int N, int NL>
-void fit_scale_min(const float* x, const Grid& grid, float& a, float& m) {
-  float lo = x[0], hi = x[0];
-  for (int i = 1; i < N; ++i) {
+// K-quants subtract their mins). Each of the C candidates of `grid` quantizes the sub-block from
+// its minimum with its inverse scale and shift, the least-squares (a, m) for those levels is
+// solved in closed form, and the best is polished by requantizing with it and refitting. A
+// constant sub-block gives a = 0 and m = -min(x, 0).
+template <int N, int NL, int C>
+void fit_scale_min(const float* x, Grid grid, float& a, float& m) {
+  float lo = x[0], hi = x[0], sx = 0.0f, sxx = 0.0f;
+  for (int i = 0; i < N; ++i) {
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
+    sx += x[i];
+    sxx += x[i] * x[i];
   }
   lo = std::min(lo, 0.0f);
   a = 0.0f;
   m = -lo;
   if (!(hi > lo)) return;
-  const float sx = sum<N>(x), sxx = dot<N>(x, x);
-  float best = INFINITY, best_a = 0.0f, best_b = lo, L[N];
-  // Least-squares x ~ sa*L + sb (sb <= 0) for the levels in L; keeps it if it beats `best`.
-  auto consider = [&]() {
-    const float sl = sum<N>(L), sll = dot<N>(L, L), sxl = dot<N>(x, L);
-    const float det = N * sll - sl * sl;
-    if (!(det > 0.0f)) return false;
-    float sa = (N * sxl - sx * sl) / det, sb = (sll * sx - sl * sxl) / det;
-    if (sb > 0.0f) {
-      sb = 0.0f;
-      sa = sxl / sll;
+  float is[C], sh[C], sl[C] = {}, sll[C] = {}, sxl[C] = {};
+  for (int c = 0; c < C; ++c) {
+    grid_candidate(grid, NL, c, is[c], sh[c]);
+    is[c] /= hi - lo;
+  }
+  for (int i = 0; i < N; ++i) {
+    const float xi = x[i], u = x[i] - lo;
+    for (int c = 0; c < C; ++c) {
+      const float l = level_up_to(is[c] * u + sh[c], NL);  // is * u >= 0, sh >= -0.5
+      sl[c] += l;
+      sll[c] += l * l;
+      sxl[c] += xi * l;
     }
-    if (!(sa > 0.0f)) return false;
-    const float err = sxx + sa * sa * sll + sb * sb * N - 2.0f * sa * sxl - 2.0f * sb * sx +
-                      2.0f * sa * sb * sl;
-    if (!(err < best)) return false;
+  }
+  float best = INFINITY, ba = 0.0f, bb = 0.0f;
+  for (int c = 0; c < C; ++c) {
+    float ca, cb;
+    const float err = solve_scale_min(N, sx, sxx, sl[c], sll[c], sxl[c], ca, cb);
+    if (err < best) {
+      best = err;
+      ba = ca;
+      bb = cb;
+    }
+  }
+  for (int it = 0; it < 2 && ba > 0.0f; ++it) {
+    const float ia = 1.0f / ba;
+    float tl = 0.0f, tll = 0.0f, txl = 0.0f, ca, cb;
+    for (int i = 0; i < N; ++i) {
+      const float l = level((x[i] - bb) * ia, 0, NL);
+      tl += l;
+      tll += l * l;
+      txl += x[i] * l;
+    }
+    const float err = solve_scale_min(N, sx, sxx, tl, tll, txl, ca, cb);
+    if (!(err < best)) break;
     best = err;
-    best_a = sa;
-    best_b = sb;
-    return true;
-  };
-  const float range = hi - lo;
-  for (int s = 0; s < grid.count; ++s) {
-    const float iscale = (NL + grid.first + grid.step * s) / range;
-    for (int i = 0; i < N; ++i) L[i] = clampf(round_nearest(iscale * (x[i] - lo)), 0.0f, NL);
-    consider();
+    ba = ca;
+    bb = cb;
   }
-  for (int it = 0; it < 4 && best_a > 0.0f; ++it) {
-    const float ia = 1.0f / best_a, b = best_b;
-    for (int i = 0; i < N; ++i) L[i] = clampf(round_nearest(ia * (x[i] - b)), 0.0f, NL);
-    if (!consider()) break;
-  }
-  if (best_a > 0.0f) {
-    a = best_a;
-    m = -best_b;
+  if (ba > 0.0f) {
+    a = ba;
+    m = -bb;
   }
 }
 
-// Fit x ~ a*l with integer l in [-NL, NL - 1], maximizing (sum x l)^2 / sum l^2 (least squares).
-// The candidates map the largest-magnitude value to about -NL (so it can use the extra negative
-// level); the best is polished by requantization and refit. Returns a (0 for an all-zero x).
-template <int N, int NL>
-float fit_scale(const float* x, const Grid& grid) {
+// Fit x ~ a*l with integer l in [-NL, NL - 1] by least squares, i.e. maximizing
+// (sum x l)^2 / sum l^2. The C candidates of `grid` map the largest-magnitude value to about -NL
+// (so it can use the extra negative level); the best is polished by requantizing and refitting.
+// Returns a (0 for an all-zero x).
+template <int N, int NL, int C>
+float fit_scale(const float* x, Grid grid) {
   float vmax = 0.0f;
   for (int i = 0; i < N; ++i)
     if (std::fabs(x[i]) > std::fabs(vmax)) vmax = x[i];
   if (vmax == 0.0f) return 0.0f;
-  float best = 0.0f, best_a = 0.0f, L[N];
-  auto consider = [&]() {
-    const float sll = dot<N>(L, L), sxl = dot<N>(x, L);
-    if (!(sll > 0.0f)) return false;
-    const float score = sxl * sxl / sll;
-    if (!(score > best)) return false;
-    best = score;
-    best_a = sxl / sll;
-    return true;
-  };
-  for (int s = 0; s < grid.count; ++s) {
-    const float iscale = -(NL + grid.first + grid.step * s) / vmax;
-    for (int i = 0; i < N; ++i) L[i] = clampf(round_nearest(iscale * x[i]), -NL, NL - 1);
-    consider();
+  float is[C], sh[C], sll[C] = {}, sxl[C] = {};
+  for (int c = 0; c < C; ++c) {
+    grid_candidate(grid, NL, c, is[c], sh[c]);
+    is[c] /= -vmax;
   }
-  for (int it = 0; it < 4 && best_a != 0.0f; ++it) {
-    const float ia = 1.0f / best_a;
-    for (int i = 0; i < N; ++i) L[i] = clampf(round_nearest(ia * x[i]), -NL, NL - 1);
-    if (!consider()) break;
+  for (int i = 0; i < N; ++i) {
+    const float xi = x[i];
+    for (int c = 0; c < C; ++c) {
+      const float l = level(is[c] * xi + sh[c], -NL, NL - 1);
+      sll[c] += l * l;
+      sxl[c] += xi * l;
+    }
   }
-  return best_a;
+  float best = 0.0f, ba = 0.0f;  // best = (sum x l)^2 / sum l^2, to maximize
+  for (int c = 0; c < C; ++c)
+    if (sll[c] > 0.0f && sxl[c] * sxl[c] / sll[c] > best) {
+      best = sxl[c] * sxl[c] / sll[c];
+      ba = sxl[c] / sll[c];
+    }
+  for (int it = 0; it < 2 && ba != 0.0f; ++it) {
+    const float ia = 1.0f / ba;
+    float tll = 0.0f, txl = 0.0f;
+    for (int i = 0; i < N; ++i) {
+      const float l = level(x[i] * ia, -NL, NL - 1);
+      tll += l * l;
+      txl += x[i] * l;
+    }
+    if (!(tll > 0.0f && txl * txl / tll > best)) break;
+    best = txl * txl / tll;
+    ba = txl / tll;
+  }
+  return ba;
 }
 
-// Levels of a sub-block requantized against the decoder's scale a and min m (m = 0 for the
-// symmetric formats), as floats in [LO, HI]. A zero scale gives level 0 (clamped into range).
+// ------------------------------------------------------------------------------------------
+// Requantization against the decoder's scales: element x decodes as a * l - m (m = 0 for the
+// symmetric formats), l the level nearest (x + m) / a in [LO, HI].
+
+// Squared errors err[c] of the sub-block requantized with each candidate (a[c], m[c]).
+template <int N, int C, int LO, int HI>
+void candidate_errors(const float* x, const float* a, const float* m, float* err) {
+  float ia[C];
+  for (int c = 0; c < C; ++c) {
+    ia[c] = a[c] != 0.0f ? 1.0f / a[c] : 0.0f;
+    err[c] = 0.0f;
+  }
+  for (int i = 0; i < N; ++i) {
+    const float xi = x[i];
+    for (int c = 0; c < C; ++c) {
+      const float e = sub_rn(mul_rn(a[c], level((xi + m[c]) * ia[c], LO, HI)), m[c]) - xi;
+      err[c] += e * e;
+    }
+  }
+}
+
+// Index of the smallest of err[0..C) (0 if none is a number).
+template <int C>
+int argmin(const float* err) {
+  int best = 0;
+  for (int c = 1; c < C; ++c)
+    if (err[c] < err[best] || !(err[best] == err[best])) best = c;
+  return best;
+}
+
+// Codes (level - LO) of the sub-block requantized with scale a and min m.
 template <int N, int LO, int HI>
-inline void levels(const float* x, float a, float m, float* L) {
+void requant_codes(const float* x, float a, float m, uint8_t* codes) {
   const float ia = a != 0.0f ? 1.0f / a : 0.0f;
-  for (int i = 0; i < N; ++i) L[i] = clampf(round_nearest((x[i] + m) * ia), LO, HI);
+  for (int i = 0; i < N; ++i)
+    codes[i] = static_cast<uint8_t>(std::min(std::max(nearest_int((x[i] + m) * ia), LO), HI) - LO);
 }
 
-// Squared error of a sub-block decoded (as the decoder does) with scale a and min m.
-template <int N, int LO, int HI>
-inline float requant_error(const float* x, float a, float m) {
-  float L[N], e[N];
-  levels<N, LO, HI>(x, a, m, L);
-  for (int i = 0; i < N; ++i) e[i] = sub_rn(mul_rn(a, L[i]), m) - x[i];
-  return dot<N>(e, e);
-}
-
-// Codes (level - LO, in [0, HI - LO]) of a sub-block requantized with scale a and min m.
-template <int N, int LO, int HI>
-inline void requant_codes(const float* x, float a, float m, uint8_t* codes) {
-  float L[N];
-  levels<N, LO, HI>(x, a, m, L);
-  for (int i = 0; i < N; ++i) codes[i] = static_cast<uint8_t>(static_cast<int>(L[i]) - LO);
+// v / d rounded to an integer and clamped to [lo, hi] (0 clamped for d == 0).
+inline int quantize_scale(float v, float d, int lo, int hi) {
+  return std::min(std::max(nearest_int(d != 0.0f ? v / d : 0.0f), lo), hi);
 }
 
 // ------------------------------------------------------------------------------------------
 // Per-format encoder parameters and bit packing (the inverse of Format<T>::quant/scale_min).
 // Asymmetric formats: levels 0..NL, integer scales and mins 0..SMAX. Symmetric formats: levels
-// -NL..NL-1 (stored as level + NL), integer scales -SMAX-1..SMAX. `grid` is the fit's candidate
-// grid and R the radius of the integer scale (and min) search.
+// -NL..NL-1 (stored as level + NL), integer scales -SMAX-1..SMAX. GRID candidates of `grid` for
+// the fits; the integer search tries the first SEARCH moves of kMoves (asymmetric: (scale, min)
+// steps) or kSteps (symmetric: scale steps) from the rounded fit.
+
+// Moves of the integer (scale, min) search, the likelier first: a larger scale with a larger
+// min keeps the sub-block centred, so the diagonal moves come before the anti-diagonal.
+constexpr int kMoves[][2] = {{0, 0}, {-1, 0}, {1, 0}, {0, -1}, {0, 1},
+                             {-1, -1}, {1, 1}, {1, -1}, {-1, 1}};
+constexpr int kSteps[] = {0, -1, 1, -2, 2, -3, 3, -4, 4};
 
 template <GGMLType T>
 struct Encoder;
@@ -230,8 +292,8 @@ inline void pack_k4_scales(uint8_t* q, const int* sc, const int* mn) {
 template <>
 struct Encoder<GGMLType::Q2_K> {
   static constexpr bool ASYM = true;
-  static constexpr int NL = 3, SMAX = 15, R = 1;
-  static constexpr Grid grid{-0.5f, 0.1f, 16};
+  static constexpr int NL = 3, SMAX = 15, GRID = 16, SEARCH = 8;
+  static constexpr Grid grid{-0.5f, 0.25f, 4};
   static void pack(block_q2_K& b, const uint8_t* L, const int* sc, const int* mn, uint16_t d,
                    uint16_t dmin) {
     for (int s = 0; s < QK_K / 16; ++s) b.scales[s] = static_cast<uint8_t>(sc[s] | (mn[s] << 4));
@@ -246,8 +308,8 @@ struct Encoder<GGMLType::Q2_K> {
 template <>
 struct Encoder<GGMLType::Q4_K> {
   static constexpr bool ASYM = true;
-  static constexpr int NL = 15, SMAX = 63, R = 1;
-  static constexpr Grid grid{-1.0f, 0.1f, 21};
+  static constexpr int NL = 15, SMAX = 63, GRID = 16, SEARCH = 8;
+  static constexpr Grid grid{-1.0f, 0.5f, 4};
   static void pack(block_q4_K& b, const uint8_t* L, const int* sc, const int* mn, uint16_t d,
                    uint16_t dmin) {
     b.d = d;
@@ -262,8 +324,8 @@ struct Encoder<GGMLType::Q4_K> {
 template <>
 struct Encoder<GGMLType::Q5_K> {
   static constexpr bool ASYM = true;
-  static constexpr int NL = 31, SMAX = 63, R = 1;
-  static constexpr Grid grid{-0.5f, 0.1f, 16};
+  static constexpr int NL = 31, SMAX = 63, GRID = 24, SEARCH = 8;
+  static constexpr Grid grid{-1.5f, 0.5f, 4};
   static void pack(block_q5_K& b, const uint8_t* L, const int* sc, const int* mn, uint16_t d,
                    uint16_t dmin) {
     b.d = d;
@@ -282,8 +344,8 @@ struct Encoder<GGMLType::Q5_K> {
 template <>
 struct Encoder<GGMLType::Q3_K> {
   static constexpr bool ASYM = false;
-  static constexpr int NL = 4, SMAX = 31, R = 1;
-  static constexpr Grid grid{-0.9f, 0.1f, 19};
+  static constexpr int NL = 4, SMAX = 31, GRID = 20, SEARCH = 4;
+  static constexpr Grid grid{-0.9f, 0.1f, 1};
   static void pack(block_q3_K& b, const uint8_t* L, const int* sc, uint16_t d) {
     std::memset(&b, 0, sizeof b);
     for (int i = 0; i < QK_K; ++i) {
@@ -303,8 +365,8 @@ struct Encoder<GGMLType::Q3_K> {
 template <>
 struct Encoder<GGMLType::Q6_K> {
   static constexpr bool ASYM = false;
-  static constexpr int NL = 32, SMAX = 127, R = 1;
-  static constexpr Grid grid{-0.9f, 0.1f, 19};
+  static constexpr int NL = 32, SMAX = 127, GRID = 24, SEARCH = 4;
+  static constexpr Grid grid{-6.0f, 0.5f, 1};
   static void pack(block_q6_K& b, const uint8_t* L, const int* sc, uint16_t d) {
     std::memset(b.ql, 0, sizeof b.ql);
     std::memset(b.qh, 0, sizeof b.qh);
@@ -322,49 +384,46 @@ struct Encoder<GGMLType::Q6_K> {
 // ------------------------------------------------------------------------------------------
 // Super-block encoders.
 
-// The fp16 bits of a super-block scale d = v / steps and its decoded value (returned).
-inline float super_scale(float v, int steps, uint16_t& h) {
-  h = half_finite(v / static_cast<float>(steps));
-  return half_to_float(h);
-}
-
-// v / d rounded and clamped to [lo, hi] (lo for d == 0 or NaN).
-inline int quantize_scale(float v, float d, int lo, int hi) {
-  return static_cast<int>(clampf(round_nearest(d != 0.0f ? v / d : 0.0f), lo, hi));
+// fp16 bits of the super-block scale v / steps, and (in d) its value as the decoder reads it.
+// A nonzero v too small for fp16 gets the smallest subnormal rather than 0, so that the integer
+// scales still have something to multiply (the search then picks 0 where that is better).
+inline uint16_t super_scale(float v, int steps, float& d) {
+  uint16_t h = half_finite(v / static_cast<float>(steps));
+  if ((h & 0x7fffu) == 0 && v != 0.0f && v == v) h |= 1u;
+  d = half_to_float(h);
+  return h;
 }
 
 // Asymmetric K-quant super-block (Q2_K, Q4_K, Q5_K).
 template <class F, class E>
 void encode_asym(const float* x, typename F::Block& b) {
-  constexpr int SUB = F::SUB, NS = QK_K / SUB;
+  constexpr int SUB = F::SUB, NS = QK_K / SUB, C = E::SEARCH;
   float a[NS], m[NS], amax = 0.0f, mmax = 0.0f;
   for (int j = 0; j < NS; ++j) {
-    fit_scale_min<SUB, E::NL>(x + j * SUB, E::grid, a[j], m[j]);
+    fit_scale_min<SUB, E::NL, E::GRID>(x + j * SUB, E::grid, a[j], m[j]);
     amax = std::max(amax, a[j]);
     mmax = std::max(mmax, m[j]);
   }
-  uint16_t dh, dminh;
-  const float d = super_scale(amax, E::SMAX, dh), dmin = super_scale(mmax, E::SMAX, dminh);
+  float d, dmin;
+  const uint16_t dh = super_scale(amax, E::SMAX, d), dminh = super_scale(mmax, E::SMAX, dmin);
   int sc[NS], mn[NS];
   uint8_t L[QK_K];
   for (int j = 0; j < NS; ++j) {
     const float* xs = x + j * SUB;
     const int s0 = quantize_scale(a[j], d, 0, E::SMAX), m0 = quantize_scale(m[j], dmin, 0, E::SMAX);
-    float best = INFINITY;
-    sc[j] = s0;
-    mn[j] = m0;
-    for (int s = std::max(s0 - E::R, 0); s <= std::min(s0 + E::R, E::SMAX); ++s)
-      for (int t = std::max(m0 - E::R, 0); t <= std::min(m0 + E::R, E::SMAX); ++t) {
-        const float err = requant_error<SUB, 0, E::NL>(xs, mul_rn(d, static_cast<float>(s)),
-                                                       mul_rn(dmin, static_cast<float>(t)));
-        if (err < best) {
-          best = err;
-          sc[j] = s;
-          mn[j] = t;
-        }
-      }
-    requant_codes<SUB, 0, E::NL>(xs, mul_rn(d, static_cast<float>(sc[j])),
-                                 mul_rn(dmin, static_cast<float>(mn[j])), L + j * SUB);
+    int cs[C], cm[C];
+    float ca[C], cmin[C], err[C];
+    for (int c = 0; c < C; ++c) {
+      cs[c] = std::min(std::max(s0 + kMoves[c][0], 0), E::SMAX);
+      cm[c] = std::min(std::max(m0 + kMoves[c][1], 0), E::SMAX);
+      ca[c] = mul_rn(d, static_cast<float>(cs[c]));
+      cmin[c] = mul_rn(dmin, static_cast<float>(cm[c]));
+    }
+    candidate_errors<SUB, C, 0, E::NL>(xs, ca, cmin, err);
+    const int c = argmin<C>(err);
+    sc[j] = cs[c];
+    mn[j] = cm[c];
+    requant_codes<SUB, 0, E::NL>(xs, ca[c], cmin[c], L + j * SUB);
   }
   E::pack(b, L, sc, mn, dh, dminh);
 }
@@ -372,15 +431,15 @@ void encode_asym(const float* x, typename F::Block& b) {
 // Symmetric K-quant super-block (Q3_K, Q6_K). An all-zero super-block encodes to zero bytes.
 template <class F, class E>
 void encode_sym(const float* x, typename F::Block& b) {
-  constexpr int SUB = F::SUB, NS = QK_K / SUB, SLO = -E::SMAX - 1;
+  constexpr int SUB = F::SUB, NS = QK_K / SUB, SLO = -E::SMAX - 1, C = E::SEARCH;
   float a[NS], amax = 0.0f;
   for (int j = 0; j < NS; ++j) {
-    a[j] = fit_scale<SUB, E::NL>(x + j * SUB, E::grid);
+    a[j] = fit_scale<SUB, E::NL, E::GRID>(x + j * SUB, E::grid);
     if (std::fabs(a[j]) > std::fabs(amax)) amax = a[j];
   }
   // The largest-magnitude scale maps to the extra negative step, -(SMAX + 1).
-  uint16_t dh;
-  const float d = super_scale(-amax, E::SMAX + 1, dh);
+  float d;
+  const uint16_t dh = super_scale(-amax, E::SMAX + 1, d);
   if (d == 0.0f) {
     std::memset(&b, 0, sizeof b);
     return;
@@ -390,18 +449,16 @@ void encode_sym(const float* x, typename F::Block& b) {
   for (int j = 0; j < NS; ++j) {
     const float* xs = x + j * SUB;
     const int s0 = quantize_scale(a[j], d, SLO, E::SMAX);
-    float best = INFINITY;
-    sc[j] = s0;
-    for (int s = std::max(s0 - E::R, SLO); s <= std::min(s0 + E::R, E::SMAX); ++s) {
-      const float err =
-          requant_error<SUB, -E::NL, E::NL - 1>(xs, mul_rn(d, static_cast<float>(s)), 0.0f);
-      if (err < best) {
-        best = err;
-        sc[j] = s;
-      }
+    int cs[C];
+    float ca[C], zero[C] = {}, err[C];
+    for (int c = 0; c < C; ++c) {
+      cs[c] = std::min(std::max(s0 + kSteps[c], SLO), E::SMAX);
+      ca[c] = mul_rn(d, static_cast<float>(cs[c]));
     }
-    requant_codes<SUB, -E::NL, E::NL - 1>(xs, mul_rn(d, static_cast<float>(sc[j])), 0.0f,
-                                          L + j * SUB);
+    candidate_errors<SUB, C, -E::NL, E::NL - 1>(xs, ca, zero, err);
+    const int c = argmin<C>(err);
+    sc[j] = cs[c];
+    requant_codes<SUB, -E::NL, E::NL - 1>(xs, ca[c], 0.0f, L + j * SUB);
   }
   E::pack(b, L, sc, dh);
 }
