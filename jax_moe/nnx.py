@@ -1,0 +1,311 @@
+"""A Flax NNX MoE block: router + routed experts (+ shared expert) on ``moe_matmul``.
+
+::
+
+    from flax import nnx
+    import jax_moe.nnx
+    from jax_moe.routing import RouterConfig
+
+    moe = jax_moe.nnx.MoE(1024, 2048, num_experts=8, router=RouterConfig.mixtral(k=2),
+                          rngs=nnx.Rngs(0))
+    moe.quantize("Q4_K", down_qtype="Q6_K")      # in place: experts become GGUF blocks
+    y = nnx.jit(lambda m, x: m(x))(moe, x)        # x [..., 1024] -> y [..., 1024]
+
+Dense expert kernels are ``nnx.Param``; quantized ones are :class:`QuantizedWeight` variables
+(not trainable, not ``nnx.Param``), whose value is the uint8 block data and whose metadata
+holds the GGUF format and logical shape. The selection-only routing bias is a
+:class:`RoutingBias` variable. The module is inference-only: ``nnx.grad`` through it raises
+``jax_moe.InferenceOnlyError`` (wrap what feeds it in ``jax.lax.stop_gradient`` to train the
+rest of a model around a frozen MoE block).
+
+Requires ``flax`` (an optional dependency of jax_moe).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import quantized as _quantized
+from .ffn import ACTIVATIONS, MoEWeights
+from .kinds import GGMLType, as_qtype, block_size
+from .routing import RouterConfig
+
+__all__ = ["MoE", "QuantizedWeight", "RoutingBias"]
+
+_DENSE_COMPUTE = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+_SHARED_NAMES = ("shared_gate_up", "shared_gate", "shared_up", "shared_down")
+
+
+class QuantizedWeight(nnx.Variable):
+    """GGUF-quantized expert weights (not trainable).
+
+    The value is the uint8 block data ``[E, N, K // QK * block_bytes]``; the metadata
+    ``qtype`` (a ``GGMLType``) and ``logical_shape`` ``(E, N, K)`` complete a
+    ``QuantizedExperts``.
+    """
+
+    def experts(self) -> _quantized.QuantizedExperts:
+        """This variable as a ``QuantizedExperts`` (works on traced values under jit)."""
+        return _quantized.QuantizedExperts(self[...], self.qtype, self.logical_shape)
+
+
+class RoutingBias(nnx.Variable):
+    """A selection-only routing bias ``[E]`` (DeepSeek-V3's ``e_score_correction_bias``).
+
+    Not trainable by gradient: aux-loss-free balancing updates it outside the optimizer.
+    """
+
+
+def _quantized_variable(q: _quantized.QuantizedExperts) -> QuantizedWeight:
+    data = q.data if isinstance(q.data, jax.Array) else jax.device_put(np.asarray(q.data), may_alias=True)
+    return QuantizedWeight(data, qtype=GGMLType(q.qtype), logical_shape=tuple(q.shape))
+
+
+def _router_config(router: RouterConfig | int) -> RouterConfig:
+    if isinstance(router, RouterConfig):
+        return router
+    if isinstance(router, (int, np.integer)) and not isinstance(router, bool):
+        return RouterConfig(k=int(router))
+    raise TypeError(f"router must be a jax_moe.routing.RouterConfig or an int k; got {router!r}")
+
+
+class MoE(nnx.Module):
+    """Router + experts (+ shared expert) of one MoE block; ``[..., D] -> [..., D]``.
+
+    Args:
+      features: D, the model dimension.
+      hidden_features: F, the hidden size of each expert.
+      num_experts: E.
+      router: a :class:`RouterConfig` (``RouterConfig.mixtral(k=2)``, ...) or an int k
+        (softmax, top-k, not renormalized).
+      activation: ``"swiglu"``, ``"geglu"``, ``"geglu_erf"`` or ``"reglu"``.
+      shared_hidden_features: Fs, to add a shared expert (None: no shared expert).
+      shared_expert_gate: gate the shared expert with ``sigmoid(x @ g)`` (Qwen2-MoE).
+      router_bias: add a trainable ``[E]`` bias to the router logits (gpt-oss).
+      selection_bias: add a :class:`RoutingBias` ``[E]`` used for selection only (DeepSeek-V3).
+      weight_layout: ``"ekn"`` (Flax's kernel layout ``[E, D_in, D_out]``, the default) or
+        ``"enk"`` (GGUF's ``[E, D_out, D_in]``) for the dense expert kernels.
+      dtype: computation dtype of the experts: bfloat16/float16 (WMMA and WMMA_GGUF kinds) or
+        float32 (quantized experts only: SCALAR_GGUF). The output has this dtype.
+      param_dtype: dtype of the dense expert kernels (the router kernel is float32).
+      kernel_init: initializer of the expert kernels (default: LeCun normal per expert).
+      router_init: initializer of the router kernel ``[D, E]``.
+      rngs: ``nnx.Rngs``.
+
+    Variables: ``router_kernel [D, E]``; ``gate_up`` (``[E, D, 2F]`` in ``"ekn"``, gate columns
+    first) or ``gate``/``up``; ``down`` (``[E, F, D]`` in ``"ekn"``); optionally
+    ``router_bias``, ``selection_bias``, ``shared_gate_up [D, 2Fs]``, ``shared_down [Fs, D]``,
+    ``shared_expert_gate [D]``. Quantized experts are always ``[E, N, K]`` blocks.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        hidden_features: int,
+        num_experts: int,
+        *,
+        router: RouterConfig | int = 2,
+        activation: str = "swiglu",
+        shared_hidden_features: int | None = None,
+        shared_expert_gate: bool = False,
+        router_bias: bool = False,
+        selection_bias: bool = False,
+        weight_layout: str = "ekn",
+        dtype: Any = jnp.bfloat16,
+        param_dtype: Any = jnp.bfloat16,
+        kernel_init: Callable | None = None,
+        router_init: Callable | None = None,
+        rngs: nnx.Rngs,
+    ):
+        for name, v in (("features", features), ("hidden_features", hidden_features),
+                        ("num_experts", num_experts)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"MoE: {name} must be a positive int; got {v!r}")
+        if weight_layout not in ("enk", "ekn"):
+            raise ValueError(f'MoE: weight_layout must be "enk" or "ekn"; got {weight_layout!r}')
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MoE: activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
+        dtype = jnp.dtype(dtype)
+        if dtype not in (jnp.dtype(jnp.float32),) + _DENSE_COMPUTE:
+            raise TypeError(f"MoE: dtype must be bfloat16, float16 or float32; got {dtype}")
+        self.features = int(features)
+        self.hidden_features = int(hidden_features)
+        self.num_experts = int(num_experts)
+        self.router_config = _router_config(router)
+        if self.router_config.k > self.num_experts:
+            raise ValueError(f"MoE: router k={self.router_config.k} exceeds num_experts={num_experts}")
+        self.activation = activation
+        self.weight_layout = weight_layout
+        self.dtype = dtype
+        self.param_dtype = jnp.dtype(param_dtype)
+
+        D, F, E = self.features, self.hidden_features, self.num_experts
+        enk = weight_layout == "enk"
+        if kernel_init is None:
+            kernel_init = nnx.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal", in_axis=-1 if enk else -2,
+                out_axis=-2 if enk else -1, batch_axis=(0,))
+        if router_init is None:
+            router_init = nnx.initializers.lecun_normal()
+
+        def expert_shape(n: int, k: int, e: int = E) -> tuple[int, ...]:
+            return (e, n, k) if enk else (e, k, n)
+
+        self.router_kernel = nnx.Param(router_init(rngs.params(), (D, E), jnp.float32))
+        self.router_bias = nnx.data(nnx.Param(jnp.zeros((E,), jnp.float32)) if router_bias else None)
+        self.selection_bias = nnx.data(RoutingBias(jnp.zeros((E,), jnp.float32)) if selection_bias else None)
+        self.gate_up = nnx.Param(kernel_init(rngs.params(), expert_shape(2 * F, D), self.param_dtype))
+        self.gate = nnx.data(None)
+        self.up = nnx.data(None)
+        self.down = nnx.Param(kernel_init(rngs.params(), expert_shape(D, F), self.param_dtype))
+
+        self.shared_hidden_features = None if shared_hidden_features is None else int(shared_hidden_features)
+        for name in _SHARED_NAMES + ("shared_expert_gate",):
+            setattr(self, name, nnx.data(None))
+        if self.shared_hidden_features is not None:
+            Fs = self.shared_hidden_features
+            self.shared_gate_up = nnx.Param(kernel_init(rngs.params(), expert_shape(2 * Fs, D, 1),
+                                                        self.param_dtype)[0])
+            self.shared_down = nnx.Param(kernel_init(rngs.params(), expert_shape(D, Fs, 1),
+                                                     self.param_dtype)[0])
+            if shared_expert_gate:
+                self.shared_expert_gate = nnx.Param(
+                    nnx.initializers.lecun_normal()(rngs.params(), (D, 1), jnp.float32)[:, 0])
+        elif shared_expert_gate:
+            raise ValueError("MoE: shared_expert_gate needs a shared expert (shared_hidden_features)")
+
+    # -- forward -------------------------------------------------------------------------------
+    def weights(self) -> MoEWeights:
+        """The current weights as a :class:`jax_moe.ffn.MoEWeights` (dense kernels in ``dtype``)."""
+
+        def get(var: Any) -> Any:
+            if var is None:
+                return None
+            if isinstance(var, QuantizedWeight):
+                return var.experts()
+            return jnp.asarray(var[...])
+
+        def expert(var: Any) -> Any:
+            w = get(var)
+            if w is None or isinstance(w, _quantized.QuantizedExperts):
+                return w
+            if self.dtype not in _DENSE_COMPUTE:
+                raise TypeError(
+                    f"MoE(dtype={self.dtype}): dense experts run in bfloat16 or float16; set "
+                    f"dtype=jnp.bfloat16, or quantize the experts (module.quantize(...)) to run "
+                    f"float32 activations through SCALAR_GGUF")
+            return w.astype(self.dtype)
+
+        return MoEWeights(
+            router=get(self.router_kernel), down=expert(self.down), gate_up=expert(self.gate_up),
+            gate=expert(self.gate), up=expert(self.up), router_bias=get(self.router_bias),
+            selection_bias=get(self.selection_bias), shared_gate_up=expert(self.shared_gate_up),
+            shared_gate=expert(self.shared_gate), shared_up=expert(self.shared_up),
+            shared_down=expert(self.shared_down), shared_expert_gate=get(self.shared_expert_gate),
+            config=self.router_config, activation=self.activation, weight_layout=self.weight_layout)
+
+    def __call__(self, x: jax.Array, *, return_routing: bool = False):
+        """``x [..., D]`` -> ``[..., D]`` in ``dtype`` (and ``(expert_ids, scores)`` if asked)."""
+        x = jnp.asarray(x)
+        if x.shape[-1:] != (self.features,):
+            raise ValueError(f"MoE: x must be [..., {self.features}]; got shape {list(x.shape)}")
+        return self.weights()(x.astype(self.dtype), return_routing=return_routing)
+
+    # -- conversion ----------------------------------------------------------------------------
+    def quantize(self, qtype: GGMLType | str, *, down_qtype: GGMLType | str | None = None) -> MoE:
+        """Quantize the dense expert kernels in place (on the host); returns ``self``.
+
+        Args:
+          qtype: GGUF format of the gate/up kernels (``"Q4_K"``, ``GGMLType.Q8_0``, ...).
+          down_qtype: format of the down kernels (default ``qtype``); ``"Q6_K"`` with a
+            ``"Q4_K"`` gate/up is llama.cpp's Q4_K_M recipe.
+
+        The shared expert's kernels get the same formats. The router stays float32. Each kernel's
+        contracting dimension must be a multiple of the format's block size (32 or 256).
+        """
+        qt = as_qtype(qtype, "qtype")
+        dqt = qt if down_qtype is None else as_qtype(down_qtype, "down_qtype")
+        plan = {"gate_up": qt, "gate": qt, "up": qt, "down": dqt,
+                "shared_gate_up": qt, "shared_gate": qt, "shared_up": qt, "shared_down": dqt}
+        todo = []
+        for name, t in plan.items():
+            var = getattr(self, name)
+            if not isinstance(var, nnx.Param):
+                continue
+            a = np.asarray(jnp.asarray(var[...]).astype(jnp.float32))
+            if a.ndim == 2:
+                a = a[None]
+            if self.weight_layout == "ekn":
+                a = np.swapaxes(a, 1, 2)
+            if a.shape[2] % block_size(t):
+                raise ValueError(
+                    f"MoE.quantize: cannot store {name!r} as {t.name}: its contracting dimension "
+                    f"K = {a.shape[2]} is not a multiple of the {t.name} block size {block_size(t)}")
+            todo.append((name, a, t))
+        for name, a, t in todo:  # all checked before anything changes
+            setattr(self, name, _quantized_variable(_quantized.quantize(a, t)))
+        return self
+
+    @classmethod
+    def from_weights(cls, weights: MoEWeights, *, dtype: Any = jnp.bfloat16) -> MoE:
+        """Build a module holding ``weights`` (a :class:`jax_moe.ffn.MoEWeights`), e.g. from
+        ``jax_moe.gguf.load_block_weights``; quantized weights are kept as they are."""
+        if not isinstance(weights, MoEWeights):
+            raise TypeError(f"weights must be a jax_moe.ffn.MoEWeights; got {type(weights).__name__}")
+        D, E, F = weights.features, weights.num_experts, weights.hidden_features
+        Fs = weights.shared_hidden_features
+        param_dtype = jnp.bfloat16
+        for w in (weights.gate_up, weights.gate, weights.down):
+            if w is not None and not isinstance(w, _quantized.QuantizedExperts):
+                param_dtype = w.dtype
+        kwargs = dict(
+            router=weights.config, activation=weights.activation, shared_hidden_features=Fs,
+            shared_expert_gate=weights.shared_expert_gate is not None,
+            router_bias=weights.router_bias is not None,
+            selection_bias=weights.selection_bias is not None, weight_layout=weights.weight_layout,
+            dtype=dtype, param_dtype=param_dtype)
+        # Abstract construction: no random initialization of weights that are replaced anyway.
+        module = nnx.eval_shape(lambda: cls(D, F, E, rngs=nnx.Rngs(0), **kwargs))
+
+        def var(w: Any, kind: type = nnx.Param, squeeze: bool = False) -> Any:
+            if w is None:
+                return None
+            if isinstance(w, _quantized.QuantizedExperts):
+                return _quantized_variable(w)
+            w = jnp.asarray(w)
+            if squeeze and w.ndim == 3:
+                w = w[0]
+            return kind(w)
+
+        def put(name: str, value: Any) -> None:
+            setattr(module, name, nnx.data(value))
+
+        put("router_kernel", var(jnp.asarray(weights.router, jnp.float32)))
+        put("router_bias", var(weights.router_bias))
+        put("selection_bias", var(weights.selection_bias, RoutingBias))
+        put("gate_up", var(weights.gate_up))
+        put("gate", var(weights.gate))
+        put("up", var(weights.up))
+        put("down", var(weights.down))
+        put("shared_gate_up", var(weights.shared_gate_up, squeeze=True))
+        put("shared_gate", var(weights.shared_gate, squeeze=True))
+        put("shared_up", var(weights.shared_up, squeeze=True))
+        put("shared_down", var(weights.shared_down, squeeze=True))
+        put("shared_expert_gate", var(weights.shared_expert_gate))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(module)):
+            if isinstance(leaf, jax.ShapeDtypeStruct):  # pragma: no cover - a bug if reached
+                raise AssertionError(f"MoE.from_weights left {path} uninitialized")
+        return module
+
+    @classmethod
+    def from_gguf(cls, path: str, block: int, *, dtype: Any = jnp.bfloat16, **kwargs: Any) -> MoE:
+        """Load block ``block`` of a GGUF checkpoint (see ``jax_moe.gguf.load_block_weights``
+        for ``kwargs``). Requires the ``gguf`` package."""
+        from . import gguf as _gguf
+
+        return cls.from_weights(_gguf.load_block_weights(path, block, **kwargs), dtype=dtype)

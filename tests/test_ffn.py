@@ -1,0 +1,352 @@
+"""jax_moe.ffn (moe_ffn, moe_block, MoEWeights) against a compact NumPy float64 reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_moe
+from jax_moe.ffn import MoEWeights, SharedExpert, fuse_gate_up, moe_block, moe_ffn
+from jax_moe.routing import RouterConfig
+
+try:  # an independent decoder when available
+    from gguf.quants import dequantize as _gguf_dequantize
+except ImportError:  # pragma: no cover
+    _gguf_dequantize = None
+
+BF16, F16, F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32)
+# Half an ulp at 1.0: the one rounding of the output. Intermediate roundings (gate/up, h) may
+# land one ulp apart from the float64 reference's; their effect on an output element is a small
+# fraction of that element, so it is bounded by the same half ulp of the output's scale.
+HALF_ULP = {BF16: 2.0**-8, F16: 2.0**-11, F32: 2.0**-23}
+# SCALAR_GGUF stages activations as q8_1: the reference reproduces it; float32 x / d and the
+# float32 activation may sit one float32 ulp from the reference's, moving a q8 value by one step
+# in rare cases, so the bound there is half a q8 step (1/254) of the output scale.
+Q8_TOL = 1.0 / 254
+
+
+def dequant(q) -> np.ndarray:
+    if _gguf_dequantize is not None:
+        import gguf
+        data = np.asarray(q.data)
+        return _gguf_dequantize(data, gguf.GGMLQuantizationType(int(q.qtype))).reshape(q.shape).astype(np.float64)
+    return jax_moe.dequantize(q).astype(np.float64)
+
+
+def rnd(a, dtype) -> np.ndarray:
+    return np.asarray(a, np.float64).astype(np.float32).astype(dtype).astype(np.float64)
+
+
+def q8_1(a) -> np.ndarray:
+    """SCALAR_GGUF's activation staging (DESIGN.md §4), in float32 like the kernel."""
+    a = np.asarray(a, np.float32)
+    blocks = a.reshape(*a.shape[:-1], -1, 32)
+    d = (np.abs(blocks).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d > 0, blocks / np.where(d > 0, d, 1).astype(np.float32), 0).astype(np.float32)
+    q = np.sign(r) * np.floor(np.abs(r).astype(np.float64) + 0.5)
+    return (q * d.astype(np.float16).astype(np.float64)).reshape(a.shape)
+
+
+def weight_as_seen(w, x_dtype, layout="enk"):
+    """float64 [E, N, K] as the kernel uses it: dense as stored; quantized decoded (and rounded
+    to the activation dtype for WMMA_GGUF)."""
+    if isinstance(w, jax_moe.QuantizedExperts):
+        d = dequant(w)
+        return d if np.dtype(x_dtype) == F32 else rnd(d, x_dtype)
+    w = np.asarray(w.astype(jnp.float32), np.float64)
+    return w if layout == "enk" else np.swapaxes(w, 1, 2)
+
+
+def stage(a, w, x_dtype):
+    """The input of a projection: q8_1 for SCALAR_GGUF, the compute dtype's values otherwise."""
+    if isinstance(w, jax_moe.QuantizedExperts):
+        return q8_1(a) if np.dtype(x_dtype) == F32 else rnd(a, x_dtype)
+    return rnd(a, np.dtype(w.dtype))
+
+
+def out_of(w, x_dtype):
+    """Dtype a gate/up projection writes."""
+    if isinstance(w, jax_moe.QuantizedExperts):
+        return F32 if np.dtype(x_dtype) == F32 else np.dtype(x_dtype)
+    return np.dtype(w.dtype)
+
+
+ACT = {
+    "swiglu": lambda g, u: g / (1 + np.exp(-g)) * u,
+    "geglu": lambda g, u: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * u,
+}
+
+
+def ref_ffn(x, ids, scores, gate, up, down, *, act="swiglu", layout="enk", shared=None,
+            out_dtype=None):
+    """float64 reference of moe_ffn; gate/up/down are the weights as passed to moe_ffn."""
+    x_dtype = np.dtype(jnp.asarray(x).dtype)
+    x = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+    ids, scores = np.asarray(ids), np.asarray(scores, np.float64)
+    out_dtype = np.dtype(out_dtype or x_dtype)
+
+    def expert_ffn(xrows, ids_, wg, wu, wd, sc):
+        g_w, u_w, d_w = (weight_as_seen(w, x_dtype, layout) for w in (wg, wu, wd))
+        xg, xu = stage(xrows, wg, x_dtype), stage(xrows, wu, x_dtype)
+        T, k = ids_.shape
+        y = np.zeros((T, d_w.shape[1]))
+        for t in range(T):
+            for j in range(k):
+                e = ids_[t, j]
+                g = rnd(g_w[e] @ xg[t], out_of(wg, x_dtype))
+                u = rnd(u_w[e] @ xu[t], out_of(wu, x_dtype))
+                h = rnd(ACT[act](g, u), F32)
+                y[t] += sc[t, j] * (d_w[e] @ stage(h, wd, x_dtype))
+        return y
+
+    y = expert_ffn(x, ids, gate, up, down, scores)
+    if shared is not None:
+        sg, su, sd, gate_w = shared
+        ys = expert_ffn(x, np.zeros((x.shape[0], 1), np.int64), sg, su, sd, np.ones((x.shape[0], 1)))
+        if gate_w is not None:
+            ys = ys / (1 + np.exp(-(x @ np.asarray(gate_w, np.float64))))[:, None]
+        y = y + ys
+    return y, out_dtype
+
+
+def assert_close(out, ref, out_dtype, *, scalar=False):
+    out = np.asarray(jnp.asarray(out).astype(jnp.float32), np.float64)
+    scale = np.abs(ref).max()
+    assert scale > 0
+    tol = HALF_ULP[np.dtype(out_dtype)] + (Q8_TOL if scalar else 0.0)
+    np.testing.assert_allclose(out, ref, rtol=HALF_ULP[np.dtype(out_dtype)], atol=tol * scale)
+
+
+def split_enk(w_enk, layout):
+    return w_enk if layout == "enk" else jnp.swapaxes(w_enk, 1, 2)
+
+
+def make(rng, E=4, k=2, D=256, F=256, T=8, dtype=jnp.bfloat16):
+    x = jnp.asarray(rng.standard_normal((T, D)), dtype)
+    ids = jnp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(T)]), jnp.int32)
+    scores = jnp.asarray(rng.uniform(0.1, 1.0, (T, k)), jnp.float32)
+    wg = rng.standard_normal((E, F, D)).astype(np.float32) / np.sqrt(D)
+    wu = rng.standard_normal((E, F, D)).astype(np.float32) / np.sqrt(D)
+    wd = rng.standard_normal((E, D, F)).astype(np.float32) / np.sqrt(F)
+    return x, ids, scores, wg, wu, wd
+
+
+
+def count_moe_matmuls(fn, *args) -> int:
+    """moe_matmul calls in fn's jaxpr (including nested jaxprs such as jit's)."""
+    def walk(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive is jax_moe.moe_matmul_p
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):
+                    n += walk(inner)
+        return n
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("dtype,layout,act", [
+    (jnp.bfloat16, "enk", "swiglu"),
+    (jnp.float16, "ekn", "geglu"),
+    (jnp.bfloat16, "ekn", "swiglu"),
+])
+def test_dense_fused(rng, dtype, layout, act):
+    x, ids, scores, wg, wu, wd = make(rng, dtype=dtype)
+    gu = split_enk(jnp.asarray(np.concatenate([wg, wu], 1), dtype), layout)
+    dn = split_enk(jnp.asarray(wd, dtype), layout)
+    out = jax.jit(lambda x, ids, s, gu, dn: moe_ffn(x, ids, s, gu, dn, activation=act,
+                                                    weight_layout=layout))(x, ids, scores, gu, dn)
+    assert out.shape == x.shape and out.dtype == dtype
+    F = wg.shape[1]
+    g, u = (gu[:, :F], gu[:, F:]) if layout == "enk" else (gu[:, :, :F], gu[:, :, F:])
+    ref, od = ref_ffn(x, ids, scores, g, u, dn, act=act, layout=layout)
+    assert_close(out, ref, od)
+    # one moe_matmul for gate+up, one for down
+    assert count_moe_matmuls(lambda x: moe_ffn(x, ids, scores, gu, dn, activation=act,
+                                               weight_layout=layout), x) == 2
+
+
+def test_quantized_mixed_formats_wmma_gguf(rng):
+    """gate Q4_K, up Q5_K (separate), down Q6_K, bfloat16 activations: WMMA_GGUF."""
+    x, ids, scores, wg, wu, wd = make(rng)
+    qg, qu, qd = jax_moe.quantize(wg, "Q4_K"), jax_moe.quantize(wu, "Q5_K"), jax_moe.quantize(wd, "Q6_K")
+    out = moe_ffn(x, ids, scores, (qg, qu), qd)
+    assert out.dtype == jnp.bfloat16
+    assert count_moe_matmuls(lambda x: moe_ffn(x, ids, scores, (qg, qu), qd), x) == 3
+    ref, od = ref_ffn(x, ids, scores, qg, qu, qd)
+    assert_close(out, ref, od)
+
+
+def test_quantized_fused_q4k_down_q6k(rng):
+    """The Q4_K_M layout: fused gate+up in Q4_K, down in Q6_K; one call each."""
+    x, ids, scores, wg, wu, wd = make(rng, E=6, k=3)
+    qgu = jax_moe.quantize(np.concatenate([wg, wu], 1), "Q4_K")
+    qd = jax_moe.quantize(wd, "Q6_K")
+    out = jax.jit(moe_ffn)(x, ids, scores, qgu, qd)
+    F = wg.shape[1]
+    qg = jax_moe.QuantizedExperts(np.asarray(qgu.data)[:, :F], qgu.qtype, (6, F, 256))
+    qu = jax_moe.QuantizedExperts(np.asarray(qgu.data)[:, F:], qgu.qtype, (6, F, 256))
+    ref, od = ref_ffn(x, ids, scores, qg, qu, qd)
+    assert_close(out, ref, od)
+    assert count_moe_matmuls(lambda x: moe_ffn(x, ids, scores, qgu, qd), x) == 2
+
+
+def test_scalar_gguf_float32(rng):
+    """float32 activations with quantized experts run SCALAR_GGUF (q8_1 activations)."""
+    x, ids, scores, wg, wu, wd = make(rng, dtype=jnp.float32)
+    qgu = jax_moe.quantize(np.concatenate([wg, wu], 1), "Q8_0")
+    qd = jax_moe.quantize(wd, "Q4_K")
+    out = moe_ffn(x, ids, scores, qgu, qd)
+    assert out.dtype == jnp.float32
+    F = wg.shape[1]
+    qg = jax_moe.QuantizedExperts(np.asarray(qgu.data)[:, :F], qgu.qtype, (4, F, 256))
+    qu = jax_moe.QuantizedExperts(np.asarray(qgu.data)[:, F:], qgu.qtype, (4, F, 256))
+    ref, od = ref_ffn(x, ids, scores, qg, qu, qd)
+    assert_close(out, ref, od, scalar=True)
+
+
+def test_dense_gate_up_quantized_down(rng):
+    """Per-tensor choice: dense bf16 gate/up with a Q6_K down projection."""
+    x, ids, scores, wg, wu, wd = make(rng)
+    g, u = jnp.asarray(wg, jnp.bfloat16), jnp.asarray(wu, jnp.bfloat16)
+    qd = jax_moe.quantize(wd, "Q6_K")
+    out = moe_ffn(x, ids, scores, (g, u), qd, out_dtype=jnp.float32)
+    assert out.dtype == jnp.float32
+    ref, _ = ref_ffn(x, ids, scores, g, u, qd)
+    assert_close(out, ref, BF16)  # the down projection's input is bfloat16; f32 output
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_shared_expert_with_gate(rng, quantized):
+    x, ids, scores, wg, wu, wd = make(rng)
+    Fs = 512
+    sg = rng.standard_normal((1, Fs, 256)).astype(np.float32) / 16
+    su = rng.standard_normal((1, Fs, 256)).astype(np.float32) / 16
+    sd = rng.standard_normal((1, 256, Fs)).astype(np.float32) / np.sqrt(Fs)
+    gate_w = jnp.asarray(rng.standard_normal(256) / 16, jnp.float32)
+    if quantized:
+        s_gu = jax_moe.quantize(np.concatenate([sg, su], 1), "Q8_0")
+        s_dn = jax_moe.quantize(sd, "Q5_K")
+        s_g = jax_moe.QuantizedExperts(np.asarray(s_gu.data)[:, :Fs], s_gu.qtype, (1, Fs, 256))
+        s_u = jax_moe.QuantizedExperts(np.asarray(s_gu.data)[:, Fs:], s_gu.qtype, (1, Fs, 256))
+    else:  # dense, 2-d
+        s_gu = jnp.asarray(np.concatenate([sg, su], 1)[0], jnp.bfloat16)
+        s_dn = jnp.asarray(sd[0], jnp.bfloat16)
+        s_g, s_u, s_dn3 = s_gu[None, :Fs], s_gu[None, Fs:], s_dn[None]
+    gu = jnp.asarray(np.concatenate([wg, wu], 1), jnp.bfloat16)
+    dn = jnp.asarray(wd, jnp.bfloat16)
+    shared = SharedExpert(s_gu, s_dn, gate_w)
+    out = jax.jit(lambda x, sh: moe_ffn(x, ids, scores, gu, dn, shared=sh))(x, shared)
+    F = wg.shape[1]
+    ref, od = ref_ffn(x, ids, scores, gu[:, :F], gu[:, F:], dn,
+                      shared=(s_g, s_u, s_dn if quantized else s_dn3, np.asarray(gate_w)))
+    assert_close(out, ref, od)
+    # without the gate, the shared output is added as is
+    out2 = moe_ffn(x, ids, scores, gu, dn, shared=SharedExpert(s_gu, s_dn))
+    ref2, _ = ref_ffn(x, ids, scores, gu[:, :F], gu[:, F:], dn,
+                      shared=(s_g, s_u, s_dn if quantized else s_dn3, None))
+    assert_close(out2, ref2, od)
+
+
+def test_leading_dims_and_out_of_range_ids(rng):
+    x, ids, scores, wg, wu, wd = make(rng, T=6)
+    ids = ids.at[1, 0].set(-1).at[4, 1].set(4)  # E = 4: both pairs contribute zero
+    gu = jnp.asarray(np.concatenate([wg, wu], 1), jnp.bfloat16)
+    dn = jnp.asarray(wd, jnp.bfloat16)
+    out = moe_ffn(x.reshape(2, 3, -1), ids.reshape(2, 3, 2), scores.reshape(2, 3, 2), gu, dn)
+    assert out.shape == (2, 3, 256)
+    F = wg.shape[1]
+    ids_np = np.asarray(ids)
+    keep = (ids_np >= 0) & (ids_np < 4)
+    ref, od = ref_ffn(x, np.where(keep, ids_np, 0), np.where(keep, np.asarray(scores), 0.0),
+                      gu[:, :F], gu[:, F:], dn)
+    assert_close(out.reshape(6, -1), ref, od)
+
+
+def test_fuse_gate_up(rng):
+    x, ids, scores, wg, wu, wd = make(rng)
+    qg, qu = jax_moe.quantize(wg, "Q4_K"), jax_moe.quantize(wu, "Q4_K")
+    fused = fuse_gate_up(qg, qu)
+    assert fused.shape == (4, 512, 256) and fused.qtype == jax_moe.GGMLType.Q4_K
+    np.testing.assert_array_equal(jax_moe.dequantize(fused), np.concatenate(
+        [jax_moe.dequantize(qg), jax_moe.dequantize(qu)], 1))
+    qd = jax_moe.quantize(wd, "Q6_K")
+    np.testing.assert_array_equal(np.asarray(moe_ffn(x, ids, scores, fused, qd), np.float32),
+                                  np.asarray(moe_ffn(x, ids, scores, (qg, qu), qd), np.float32))
+    g, u = jnp.asarray(wg, jnp.bfloat16), jnp.asarray(wu, jnp.bfloat16)
+    dense = fuse_gate_up(jnp.swapaxes(g, 1, 2), jnp.swapaxes(u, 1, 2), weight_layout="ekn")
+    assert dense.shape == (4, 256, 512)
+    np.testing.assert_array_equal(np.asarray(dense[:, :, 256:], np.float32),
+                                  np.asarray(jnp.swapaxes(u, 1, 2), np.float32))
+    with pytest.raises(TypeError, match="Q4_K.*Q6_K|one format"):
+        fuse_gate_up(qg, jax_moe.quantize(wu, "Q6_K"))
+
+
+def test_moe_block_and_weights_pytree(rng):
+    """Router (float32) + routing + FFN, through MoEWeights as a jitted pytree."""
+    x, _, _, wg, wu, wd = make(rng, E=8, T=12)
+    router = jnp.asarray(rng.standard_normal((256, 8)) / 4, jnp.float32)
+    cfg = RouterConfig.mixtral(k=2)
+    weights = MoEWeights(router=router, gate_up=jax_moe.quantize(np.concatenate([wg, wu], 1), "Q4_K"),
+                         down=jax_moe.quantize(wd, "Q6_K"), config=cfg)
+    assert weights.num_experts == 8 and weights.features == 256 and weights.hidden_features == 256
+    assert weights.formats() == {"gate_up": "Q4_K", "down": "Q6_K"}
+    out, (ids, scores) = jax.jit(lambda w, x: w(x, return_routing=True))(weights, x)
+    # float64 routing reference (Mixtral: softmax, top-2, renormalized)
+    logits = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(router, np.float64)
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :2]
+    gap = np.take_along_axis(logits, top, -1)[:, 1] - np.sort(logits, -1)[:, -3]
+    if gap.min() > 1e-4:  # unambiguous choice
+        np.testing.assert_array_equal(np.asarray(ids), top)
+    p = np.exp(np.take_along_axis(logits, np.asarray(ids), -1))
+    np.testing.assert_allclose(np.asarray(scores), p / p.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+    F = wg.shape[1]
+    qg = jax_moe.QuantizedExperts(np.asarray(weights.gate_up.data)[:, :F], "Q4_K", (8, F, 256))
+    qu = jax_moe.QuantizedExperts(np.asarray(weights.gate_up.data)[:, F:], "Q4_K", (8, F, 256))
+    ref, od = ref_ffn(x, ids, scores, qg, qu, weights.down)
+    assert_close(out, ref, od)
+    # the same as the parts
+    np.testing.assert_array_equal(
+        np.asarray(out, np.float32),
+        np.asarray(moe_block(x, router, weights.gate_up, weights.down, router=cfg), np.float32))
+
+
+def test_grad_is_an_inference_only_error(rng):
+    x, ids, scores, wg, wu, wd = make(rng)
+    gu = jnp.asarray(np.concatenate([wg, wu], 1), jnp.bfloat16)
+    dn = jnp.asarray(wd, jnp.bfloat16)
+    with pytest.raises(Exception, match="stop_gradient"):
+        jax.grad(lambda s: moe_ffn(x, ids, s, gu, dn).astype(jnp.float32).sum())(scores)
+
+
+def test_bad_inputs(rng):
+    x, ids, scores, wg, wu, wd = make(rng)
+    gu = jnp.asarray(np.concatenate([wg, wu], 1), jnp.bfloat16)
+    dn = jnp.asarray(wd, jnp.bfloat16)
+    with pytest.raises(ValueError, match="activation"):
+        moe_ffn(x, ids, scores, gu, dn, activation="tanh")
+    with pytest.raises(ValueError, match="weight_layout"):
+        moe_ffn(x, ids, scores, gu, dn, weight_layout="nke")
+    with pytest.raises(TypeError, match="expert_ids"):
+        moe_ffn(x, ids.astype(jnp.float32), scores, gu, dn)
+    with pytest.raises(ValueError, match="scores"):
+        moe_ffn(x, ids, scores[:, :1], gu, dn)
+    with pytest.raises(ValueError, match="expert_ids"):
+        moe_ffn(x, ids[:4], scores[:4], gu, dn)
+    with pytest.raises(TypeError, match="gate_up.*float16 or bfloat16"):
+        moe_ffn(x, ids, scores, gu.astype(jnp.float32), dn)
+    with pytest.raises(ValueError, match="down must be logically"):
+        moe_ffn(x, ids, scores, gu, dn[:, :, :128])
+    with pytest.raises(ValueError, match="odd N"):
+        moe_ffn(x, ids, scores, gu[:, :-1], dn)
+    with pytest.raises(ValueError, match="contract over D"):
+        moe_ffn(x[:, :128], ids, scores, gu, dn)
+    with pytest.raises(TypeError, match="x must be"):
+        moe_ffn(x.astype(jnp.int32), ids, scores, gu, dn)
+    with pytest.raises(TypeError, match="SharedExpert"):
+        moe_ffn(x, ids, scores, gu, dn, shared=(gu, dn))
