@@ -1,8 +1,9 @@
 """GPU benchmark: jax_moe against its peers on the same work, in one run (DESIGN.md §8).
 
 Each row is one (model, projection, T, kind, format). Every number is device time per call:
-R calls inside one jitted function (R >= 10), weights rotated among copies whose touched bytes
-add up to 4x the L2 cache, median of several runs, divided by R. Inputs are fresh random data.
+R calls inside one jitted function (10 <= R <= 64, enough for ~1.5 ms of work), weights rotated among copies whose touched bytes
+add up to 4x the L2 cache; the time per call is the slope between R and 2R calls (medians of
+several runs), which leaves out the fixed cost of dispatching the jit. Inputs are fresh random data.
 
     python benchmarks/bench_moe.py --quick            # < 3 minutes
     python benchmarks/bench_moe.py --out benchmarks/results/h200.json
@@ -54,8 +55,7 @@ SHAPES = {
 SCALE_OFFSETS = {"Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
-def device_time(fn, args, calls: int, runs: int = 5) -> float:
-    """Seconds per call: fn(*args) makes `calls` calls inside one jit."""
+def _median_time(fn, args, runs: int) -> float:
     for _ in range(2):
         jax.block_until_ready(fn(*args))
     times = []
@@ -63,7 +63,18 @@ def device_time(fn, args, calls: int, runs: int = 5) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / calls
+    return statistics.median(times)
+
+
+def device_time(make, calls: int, runs: int = 5) -> float:
+    """Seconds per call on the device. make(n) returns (jitted fn, args) making n calls inside one
+    jit; the time per call is the slope between n = calls and n = 2 * calls, which leaves out the
+    fixed cost of dispatching the jit and launching its graph."""
+    f1, a1 = make(calls)
+    f2, a2 = make(2 * calls)
+    t1 = _median_time(f1, a1, runs)
+    t2 = _median_time(f2, a2, runs)
+    return max(t2 - t1, 1e-9) / calls
 
 
 def random_gguf(key, fmt: str, E: int, N: int, K: int) -> QuantizedExperts:
@@ -91,27 +102,33 @@ def bench_row(rng, key, model: str, proj: str, T: int, kind: MoeKind, fmt: str, 
     touched = len(np.unique(ids))
     x_dtype = jnp.float32 if kind == MoeKind.SCALAR_GGUF else jnp.bfloat16
     xs = (T, k, K) if per_pair else (T, K)
-    x = jnp.asarray(rng.standard_normal(xs, dtype=np.float32), x_dtype)
     scores = jnp.asarray(rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)) if per_pair else None
     reduce = per_pair
     expert_bytes = N * (K // block_size(fmt) * block_bytes(fmt) if quantized else K * 2)
     touched_bytes = touched * expert_bytes
-    copies = int(min(max(math.ceil(4 * L2_BYTES / touched_bytes), 1), 16,
-                     max(1, opts.weight_budget // (E * expert_bytes))))
+    copies = int(min(max(math.ceil(4 * L2_BYTES / touched_bytes), 2), 16,
+                     max(2, opts.weight_budget // (E * expert_bytes))))
     keys = jax.random.split(key, copies)
     if quantized:
         ws = [random_gguf(kk, fmt, E, N, K) for kk in keys]
     else:
         ws = [(jax.random.normal(kk, (E, N, K), jnp.float32) / math.sqrt(K)).astype(jnp.bfloat16) for kk in keys]
-    calls = max(10, 2 * copies)
-    idsj = jnp.asarray(ids)
-
-    def ours(x, ids, s, *ws):
-        return tuple(moe_matmul(x, ids, ws[i % len(ws)], s, kind=kind, reduce=reduce) for i in range(calls))
-
-    t_ours = device_time(jax.jit(ours), (x, idsj, scores, *ws), calls)
     flops = 2.0 * T * k * N * K
     floor = max(touched_bytes / (HBM_TBS * 1e12), flops / (BF16_TFLOPS * 1e12))
+    # Enough calls that the slope measures >= ~1.5 ms of device work (noise of the fixed cost).
+    calls = int(min(max(math.ceil(1.5e-3 / floor), 10, 2 * copies), 64))
+    idsj = jnp.asarray(ids)
+    # Distinct activations for every call: XLA would merge calls on identical operands (CSE).
+    kx = jax.random.fold_in(key, 7)
+    x_list = [jax.random.normal(jax.random.fold_in(kx, i), xs, jnp.float32).astype(x_dtype)
+              for i in range(2 * calls)]
+
+    def make_ours(n):
+        def ours(xl, ids, s, ws):
+            return tuple(moe_matmul(xl[i], ids, ws[i % len(ws)], s, kind=kind, reduce=reduce) for i in range(n))
+        return jax.jit(ours), (x_list[:n], idsj, scores, ws)
+
+    t_ours = device_time(make_ours, calls)
     row = dict(model=model, proj=proj, T=T, kind=kind.name, fmt=fmt, E=E, k=k, N=N, K=K,
                us=t_ours * 1e6, weight_tbs=touched_bytes / t_ours / 1e12, tflops=flops / t_ours / 1e12,
                floor_us=floor * 1e6, pct_floor=100.0 * floor / t_ours, copies=copies, calls=calls)
@@ -122,48 +139,63 @@ def bench_row(rng, key, model: str, proj: str, T: int, kind: MoeKind, fmt: str, 
             peers.DECODERS[fmt](w.data, E, N, K) if fmt in peers.DECODERS else None for w in ws]
         if quantized and dense[0] is None:
             dense = [(jax.random.normal(kk, (E, N, K), jnp.float32) / math.sqrt(K)).astype(jnp.bfloat16) for kk in keys]
-        xb = x.astype(jnp.bfloat16)
-        x_rows = np.asarray(xb.reshape(T * k, K) if per_pair else jnp.repeat(xb, k, axis=0))
-        x_sorted, group_sizes, _ = peers.sort_pairs(x_rows, ids, E)
-        x_sorted = jnp.asarray(x_sorted)
+        xb = [x.astype(jnp.bfloat16) for x in x_list]
+        order = np.argsort(ids.reshape(-1), kind="stable")
+        group_sizes = np.bincount(ids.reshape(-1), minlength=E).astype(np.int32)
+        x_sorted = [jnp.take(x.reshape(T * k, K) if per_pair else jnp.repeat(x, k, axis=0), order, axis=0)
+                    for x in xb]
         gs = jnp.asarray(group_sizes)
         w_ekn = [jnp.swapaxes(w, 1, 2) for w in dense]
-        jax.block_until_ready(w_ekn)
+        jax.block_until_ready((w_ekn, x_sorted))
 
-        def rd(xs_, gs_, *w):
-            return tuple(peers.ragged_dot(xs_, w[i % len(w)], gs_) for i in range(calls))
+        def make_rd(n):
+            def rd(xl, gs_, w):
+                return tuple(peers.ragged_dot(xl[i], w[i % len(w)], gs_) for i in range(n))
+            return jax.jit(rd), (x_sorted[:n], gs, w_ekn)
 
-        row["ragged_dot_us"] = device_time(jax.jit(rd), (x_sorted, gs, *w_ekn), calls) * 1e6
+        _peer(row, "ragged_dot_us", lambda: device_time(make_rd, calls) * 1e6)
         del w_ekn
         if T * k * N * K * 2 <= opts.gather_budget:
-            def ge(x_, ids_, *w):
-                return tuple(peers.gather_einsum(x_, ids_, w[i % len(w)]) for i in range(calls))
+            def make_ge(n):
+                def ge(xl, ids_, w):
+                    return tuple(peers.gather_einsum(xl[i], ids_, w[i % len(w)]) for i in range(n))
+                return jax.jit(ge), (xb[:n], idsj, dense)
 
-            row["gather_einsum_us"] = device_time(jax.jit(ge), (xb, idsj, *dense), calls) * 1e6
+            _peer(row, "gather_einsum_us", lambda: device_time(make_ge, calls) * 1e6)
         torch = peers.torch_grouped_mm()
         if torch is not None:
             try:
-                row["torch_grouped_mm_us"] = torch_time(torch, np.asarray(x_sorted.astype(jnp.float32)),
+                row["torch_grouped_mm_us"] = torch_time(torch, np.asarray(x_sorted[0].astype(jnp.float32)),
                                                         group_sizes, E, N, K, copies, calls)
             except Exception as e:  # noqa: BLE001 - report, don't fail the run
                 row["torch_grouped_mm_error"] = str(e)[:200]
         if quantized and fmt in peers.DECODERS:
-            def dec(*w):
-                return tuple(peers.DECODERS[fmt](w[i % len(w)].data, E, N, K) for i in range(calls))
+            def make_dec(n):  # one call per copy: distinct operands, nothing for XLA to merge
+                def dec(w):
+                    return tuple(peers.DECODERS[fmt](wi.data, E, N, K) for wi in w)
+                return jax.jit(dec), (ws[:n],)
 
-            t_dec = device_time(jax.jit(dec), tuple(ws), calls) * 1e6
-            best = min(v for kk, v in row.items() if kk.endswith("_us") and kk.split("_us")[0] in
-                       ("ragged_dot", "gather_einsum", "torch_grouped_mm"))
-            row["decode_us"] = t_dec
-            row["decode_then_dense_us"] = t_dec + best
+            half = max(1, len(ws) // 2)
+            _peer(row, "decode_us", lambda: device_time(make_dec, half) * 1e6)
+            dense_peers = [row[p] for p in ("ragged_dot_us", "gather_einsum_us", "torch_grouped_mm_us") if p in row]
+            if "decode_us" in row and dense_peers:
+                row["decode_then_dense_us"] = row["decode_us"] + min(dense_peers)
         del dense
     return row
+
+
+def _peer(row: dict, key: str, measure) -> None:
+    """Record one peer's time, or why it could not run (out of memory, unsupported)."""
+    try:
+        row[key] = measure()
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run must not lose the row
+        row[key.replace("_us", "_error")] = f"{type(e).__name__}: {str(e)[:160]}"
 
 
 def torch_time(torch, x_sorted: np.ndarray, group_sizes: np.ndarray, E: int, N: int, K: int,
                copies: int, calls: int) -> float:
     dev = torch.device("cuda")
-    xs = torch.from_numpy(x_sorted).to(dev, torch.bfloat16)
+    xs = torch.from_numpy(np.array(x_sorted)).to(dev, torch.bfloat16)
     offs = torch.from_numpy(np.cumsum(group_sizes).astype(np.int32)).to(dev)
     ws = [(torch.randn(E, N, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)).transpose(-2, -1)
           for _ in range(copies)]

@@ -52,19 +52,22 @@ def cpu_run(case, **kw):
         return moe_matmul(*args, **kw)
 
 
+# T=3 takes the small-T (token GEMV) path, the larger T the grouped tensor-core GEMM.
+@pytest.mark.parametrize("T", [3, 37])
 @pytest.mark.parametrize("dtype,layout,reduce,x_rank",
                          list(itertools.product(["float16", "bfloat16"], ["enk", "ekn"], REDUCE, RANKS)))
-def test_wmma_gpu(rng, dtype, layout, reduce, x_rank):
+def test_wmma_gpu(rng, dtype, layout, reduce, x_rank, T):
     case = make_case(rng, kind=MoeKind.WMMA, dtype=dtype, layout=layout, reduce=reduce, x_rank=x_rank,
-                     T=37, k=3, E=5, N=72, K=80)
+                     T=T, k=3, E=5, N=72, K=80)
     check(gpu_run(case, reduce=reduce, weight_layout=layout), case)
 
 
+@pytest.mark.parametrize("T", [3, 21])
 @pytest.mark.parametrize("fmt,dtype,reduce,x_rank",
                          list(itertools.product(FORMATS, ["float16", "bfloat16"], REDUCE, RANKS)))
-def test_wmma_gguf_gpu(rng, fmt, dtype, reduce, x_rank):
+def test_wmma_gguf_gpu(rng, fmt, dtype, reduce, x_rank, T):
     case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=reduce, x_rank=x_rank,
-                     T=21, k=2, E=4, N=70)
+                     T=T, k=2, E=4, N=70)
     check(gpu_run(case, reduce=reduce), case)
 
 
@@ -74,6 +77,7 @@ def test_scalar_gguf_gpu(rng, fmt, reduce, x_rank):
     check(gpu_run(case, reduce=reduce), case)
 
 
+@pytest.mark.parametrize("T", [2, 50])
 @pytest.mark.parametrize("kind,fmt,dtype,tol", [
     (MoeKind.WMMA, None, "bfloat16", 5e-3), (MoeKind.WMMA, None, "float16", 1e-3),
     *[(MoeKind.WMMA_GGUF, f, "bfloat16", 5e-3) for f in FORMATS],
@@ -81,18 +85,19 @@ def test_scalar_gguf_gpu(rng, fmt, reduce, x_rank):
     *[(MoeKind.SCALAR_GGUF, f, "float32", 1e-4) for f in FORMATS],
 ])
 @pytest.mark.parametrize("reduce", REDUCE)
-def test_gpu_agrees_with_cpu(rng, kind, fmt, dtype, tol, reduce):
+def test_gpu_agrees_with_cpu(rng, kind, fmt, dtype, tol, reduce, T):
     case = make_case(rng, kind=kind, fmt=fmt, dtype=dtype if dtype != "float32" else "bfloat16",
-                     T=50, k=4, E=6, N=96, K=512, reduce=reduce)
+                     T=T, k=4, E=6, N=96, K=512, reduce=reduce)
     g = np.asarray(gpu_run(case, reduce=reduce).astype(jnp.float32), np.float64)
     c = np.asarray(cpu_run(case, reduce=reduce).astype(jnp.float32), np.float64)
     assert np.isfinite(g).all()
     assert rel_err(g, c) <= tol
 
 
+@pytest.mark.parametrize("T", [2, 300])
 @pytest.mark.parametrize("kind,fmt", [(MoeKind.WMMA, None), (MoeKind.WMMA_GGUF, "Q4_K"), (MoeKind.SCALAR_GGUF, "Q6_K")])
-def test_gpu_bitwise_reproducible(rng, kind, fmt):
-    case = make_case(rng, kind=kind, fmt=fmt, T=300, k=4, E=8, N=130, K=512)
+def test_gpu_bitwise_reproducible(rng, kind, fmt, T):
+    case = make_case(rng, kind=kind, fmt=fmt, T=T, k=4, E=8, N=130, K=512)
     a = np.asarray(gpu_run(case).astype(jnp.float32))
     for _ in range(3):
         b = np.asarray(gpu_run(case).astype(jnp.float32))
@@ -109,6 +114,10 @@ def test_gpu_edge_sizes(rng, kind, fmt, reduce):
             assert out.shape == case.ref.shape
         else:
             check(out, case)
+    if kind == MoeKind.WMMA:  # K % 8 != 0: no 16-byte vector loads, on both paths
+        for T in (2, 40):
+            case = make_case(rng, kind=kind, T=T, k=2, E=3, N=33, K=20, reduce=reduce)
+            check(gpu_run(case, reduce=reduce), case)
 
 
 @pytest.mark.parametrize("kind,fmt", [(MoeKind.WMMA, None), (MoeKind.WMMA_GGUF, "Q8_0"), (MoeKind.SCALAR_GGUF, "Q8_0")])

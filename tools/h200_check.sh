@@ -2,9 +2,11 @@
 # On the lent H200 (device tool): build for sm_90, run the GPU suite and the CPU suite, then the
 # GPU suite (or a subset) under compute-sanitizer. Logs go to $OUT; a short summary prints last.
 #   bash tools/h200_check.sh [tests|sanitize|all] [pytest -k expression for the sanitizer runs]
+#   bash tools/h200_check.sh bench "[bench_moe.py arguments]"
 set -u
 MODE=${1:-all}
-SAN_K=${2:-"enk or Q4_K or Q3_K or scalar or edge or reproducible"}
+SAN_K="enk or Q4_K or Q3_K or scalar or edge or reproducible"
+[ "$MODE" != bench ] && [ -n "${2:-}" ] && SAN_K=$2
 OUT=${OUT:-/tmp/jax_moe_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -35,6 +37,18 @@ if [ "$MODE" = sanitize ] || [ "$MODE" = all ]; then
       -k "($SAN_K) and not graphs and not million" > "$OUT/$tool.log" 2>&1
     summary+=("$tool: $(grep -E '(passed|failed)' "$OUT/$tool.log" | tail -1) | $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | sort | uniq -c | tr '\n' ' ')")
   done
+fi
+if [ "$MODE" = profile ]; then
+  cd ..
+  ncu --clock-control none --print-summary per-kernel --kernel-name regex:"token_gemv|grouped_wmma|stage|histogram|scan|scatter|reduce|zero" \
+    python3 tools/profile_small.py > "$OUT/ncu.log" 2>&1
+  grep -E "token_gemv|grouped_wmma|Duration|done" "$OUT/ncu.log" | head -80
+  exit 0
+fi
+if [ "$MODE" = bench ]; then
+  cd ..
+  python3 benchmarks/bench_moe.py ${2:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v "^WARNING"
+  exit 0
 fi
 echo "===== summary"
 printf '%s\n' "${summary[@]}"

@@ -20,6 +20,10 @@ std::string group_pairs_by_expert(const MoeProblem& p, const int32_t* ids, uint8
 std::string launch_scalar_gguf(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
                                const ScratchLayout& s, cudaStream_t stream);
 
+// small_t.cu: WMMA and WMMA_GGUF through the token GEMV kernel, for few tokens per expert.
+bool use_token_gemv(const MoeProblem& p);
+std::string launch_small_t(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
+
 // wmma.cu: WMMA and WMMA_GGUF grouped tensor-core GEMM.
 std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
                         const ScratchLayout& s, cudaStream_t stream);

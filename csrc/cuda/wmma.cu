@@ -1,10 +1,12 @@
 // WMMA and WMMA_GGUF: a grouped GEMM on tensor cores (16x16x16 tiles, f32 accumulation).
 //
 // Pairs are grouped by expert (grouping.cu). Block (m, n) computes a BM x BN tile of one expert:
-// BM pairs of that expert against BN weight rows, over K in steps of BK. The weight tile goes
-// through shared memory in the activation dtype: copied for dense experts (either layout),
-// decoded with ggml's formulas and rounded once for GGUF experts. The epilogue multiplies by the
-// routing score and writes the output (or, when reducing, the per-pair f32 partial).
+// BM pairs of that expert against BN weight rows, over K in steps of BK. Tiles go through a
+// double-buffered shared-memory pipeline: each thread loads its 16-byte pieces of the next step
+// into registers while the tensor cores work on the current one. The weight loader decides how a
+// piece is made: copied for dense experts (either layout), or decoded with ggml's formulas and
+// rounded once to the activation dtype for GGUF experts. The epilogue multiplies by the routing
+// score and writes the output (or, when reducing, the per-pair f32 partial).
 #include <mma.h>
 
 #include "../common/gguf_formats.h"
@@ -16,9 +18,12 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int BM = 64, BN = 64, BK = 32, PAD = 8, THREADS = 128;
-constexpr int LDT = BK + PAD;  // row stride of the x and w tiles (elements)
-constexpr int LDC = BN + 4;    // row stride of the f32 epilogue tile
+constexpr int BM = 128, BN = 128, BK = 32, PAD = 8, THREADS = 256;
+constexpr int LDT = BK + PAD;        // row stride of the x and w tiles (elements): 80 bytes
+constexpr int CHUNKS = BK / 8;       // 16-byte pieces per tile row per step
+constexpr int PIECES = BM * CHUNKS / THREADS;  // pieces per thread per tile per step
+static_assert(BM == BN, "x and w tiles share the piece mapping");
+static_assert(PIECES * THREADS == BM * CHUNKS, "tile pieces divide evenly among threads");
 
 struct GemmArgs {
   const void* x;
@@ -26,44 +31,72 @@ struct GemmArgs {
   const void* scores;
   void* out;          // final output (no reduce) or nullptr
   float* partial;     // per-pair f32 results (reduce) or nullptr
-  const int32_t* ids;
   const int32_t* offsets;
   const int32_t* tile_start;
   const int32_t* perm;
   int64_t T, k, N, K, E, row_bytes;
   DType score_dtype, out_dtype;
   bool x_per_pair;
+  bool vec;  // x (and dense ENK w) allow 16-byte loads: aligned bases and K % 8 == 0
 };
 
-// Weight loaders: element (n, kk) of expert e as f32, with n < N and kk < K guaranteed.
+// 8 consecutive K elements packed as a 16-byte vector of the activation dtype.
+union Piece {
+  uint4 v;
+  uint16_t h[8];
+};
+
+template <DType D>
+__device__ __forceinline__ uint16_t to_bits(float f) {
+  return D == DType::BF16 ? float_to_bf16(f) : float_to_half(f);
+}
+
+// Weight loaders: piece (n, k0 .. k0+7) of expert e, zero outside [0, N) x [0, K).
 struct DenseENK {
-  static constexpr bool kContiguousK = true;
   template <DType D>
-  static __device__ __forceinline__ typename DevType<D>::type load(const GemmArgs& a, int64_t e, int64_t n, int64_t kk) {
-    return static_cast<const typename DevType<D>::type*>(a.w)[(e * a.N + n) * a.K + kk];
+  static __device__ __forceinline__ Piece load(const GemmArgs& a, int64_t e, int64_t n, int64_t k0) {
+    Piece p;
+    const auto* row = static_cast<const uint16_t*>(a.w) + (e * a.N + n) * a.K;
+    if (n < a.N && a.vec && k0 + 8 <= a.K) {
+      p.v = __ldg(reinterpret_cast<const uint4*>(row + k0));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) p.h[i] = (n < a.N && k0 + i < a.K) ? row[k0 + i] : 0;
+    }
+    return p;
   }
 };
 
 struct DenseEKN {
-  static constexpr bool kContiguousK = false;
   template <DType D>
-  static __device__ __forceinline__ typename DevType<D>::type load(const GemmArgs& a, int64_t e, int64_t n, int64_t kk) {
-    return static_cast<const typename DevType<D>::type*>(a.w)[(e * a.K + kk) * a.N + n];
+  static __device__ __forceinline__ Piece load(const GemmArgs& a, int64_t e, int64_t n, int64_t k0) {
+    Piece p;
+    const auto* w = static_cast<const uint16_t*>(a.w);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p.h[i] = (n < a.N && k0 + i < a.K) ? w[(e * a.K + k0 + i) * a.N + n] : 0;
+    return p;
   }
 };
 
 template <class F>
 struct Gguf {
-  static constexpr bool kContiguousK = true;
+  static_assert(F::SUB % 8 == 0, "a piece lies inside one sub-block");
   template <DType D>
-  static __device__ __forceinline__ typename DevType<D>::type load(const GemmArgs& a, int64_t e, int64_t n, int64_t kk) {
+  static __device__ __forceinline__ Piece load(const GemmArgs& a, int64_t e, int64_t n, int64_t k0) {
+    Piece p;
+    if (n >= a.N || k0 >= a.K) {  // K is a multiple of the block size, so a piece is all in or out
+      p.v = make_uint4(0, 0, 0, 0);
+      return p;
+    }
     const auto* blocks = reinterpret_cast<const typename F::Block*>(
         static_cast<const uint8_t*>(a.w) + (e * a.N + n) * a.row_bytes);
-    const typename F::Block& blk = blocks[kk / F::QK];
-    const int i = static_cast<int>(kk % F::QK);
+    const typename F::Block& blk = blocks[k0 / F::QK];
+    const int i0 = static_cast<int>(k0 % F::QK);
     float sc, mn;
-    F::scale_min(blk, i / F::SUB, sc, mn);
-    return DevType<D>::from_float(decode_value<F>(blk, i, sc, mn));
+    F::scale_min(blk, i0 / F::SUB, sc, mn);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p.h[i] = to_bits<D>(decode_value<F>(blk, i0 + i, sc, mn));
+    return p;
   }
 };
 
@@ -81,23 +114,31 @@ __device__ bool find_tile(const GemmArgs& a, int64_t m, int64_t& e, int64_t& row
   return true;
 }
 
+template <DType D>
+__device__ __forceinline__ Piece load_x(const GemmArgs& a, int64_t xrow, int64_t k0) {
+  Piece p;
+  const auto* row = static_cast<const uint16_t*>(a.x) + xrow * a.K;
+  if (xrow >= 0 && a.vec && k0 + 8 <= a.K) {
+    p.v = __ldg(reinterpret_cast<const uint4*>(row + k0));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p.h[i] = (xrow >= 0 && k0 + i < a.K) ? row[k0 + i] : 0;
+  }
+  return p;
+}
+
 template <DType D, class W>
 __global__ void __launch_bounds__(THREADS) grouped_wmma_kernel(GemmArgs a) {
   using T = typename DevType<D>::type;
-  __shared__ __align__(128) unsigned char smem_raw[BM * LDC * sizeof(float) > 2 * BM * LDT * sizeof(T)
-                                                       ? BM * LDC * sizeof(float)
-                                                       : 2 * BM * LDT * sizeof(T)];
+  __shared__ __align__(128) T xs[2][BM * LDT];
+  __shared__ __align__(128) T ws[2][BN * LDT];
   __shared__ int64_t pair_of[BM];
   __shared__ int64_t xrow_of[BM];
-  T* xs = reinterpret_cast<T*>(smem_raw);
-  T* ws = xs + BM * LDT;
-  float* cs = reinterpret_cast<float*>(smem_raw);
 
   int64_t e, row0, rows;
   if (!find_tile(a, blockIdx.x, e, row0, rows)) return;
-  const int warp = threadIdx.x >> 5;
-  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-  const T zero = DevType<D>::from_float(0.0f);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;  // warps: 2 along M x 4 along N
 
   if (threadIdx.x < BM) {
     const int r = threadIdx.x;
@@ -107,49 +148,85 @@ __global__ void __launch_bounds__(THREADS) grouped_wmma_kernel(GemmArgs a) {
   }
   __syncthreads();
 
+  // Piece i of this thread: tile row (tid / CHUNKS + i * THREADS / CHUNKS), chunk tid % CHUNKS.
+  const int prow = threadIdx.x / CHUNKS, pchunk = threadIdx.x % CHUNKS;
+  constexpr int ROW_STEP = THREADS / CHUNKS;
+
   for (int64_t n0 = int64_t{blockIdx.y} * BN; n0 < a.N; n0 += int64_t{gridDim.y} * BN) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-    for (int i = 0; i < 2; ++i)
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
+    Piece px[PIECES], pw[PIECES];
+    auto fetch = [&](int64_t k0) {
+#pragma unroll
+      for (int i = 0; i < PIECES; ++i) {
+        const int r = prow + i * ROW_STEP;
+        px[i] = load_x<D>(a, xrow_of[r], k0 + pchunk * 8);
+        pw[i] = W::template load<D>(a, e, n0 + r, k0 + pchunk * 8);
+      }
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+      for (int i = 0; i < PIECES; ++i) {
+        const int r = prow + i * ROW_STEP;
+        *reinterpret_cast<uint4*>(&xs[buf][r * LDT + pchunk * 8]) = px[i].v;
+        *reinterpret_cast<uint4*>(&ws[buf][r * LDT + pchunk * 8]) = pw[i].v;
+      }
+    };
+
+    __syncthreads();  // the previous tile's epilogue is done with the buffers
+    fetch(0);
+    stash(0);
+    __syncthreads();
+    int buf = 0;
     for (int64_t k0 = 0; k0 < a.K; k0 += BK) {
-      __syncthreads();  // the previous step's fragments are loaded before the tiles are rewritten
-      const T* xg = static_cast<const T*>(a.x);
-      for (int idx = threadIdx.x; idx < BM * BK; idx += THREADS) {
-        const int r = idx / BK, c = idx % BK;
-        const int64_t kk = k0 + c, xr = xrow_of[r];
-        xs[r * LDT + c] = (xr >= 0 && kk < a.K) ? xg[xr * a.K + kk] : zero;
-      }
-      for (int idx = threadIdx.x; idx < BN * BK; idx += THREADS) {
-        // Consecutive threads walk the dimension that is contiguous in memory.
-        const int r = W::kContiguousK ? idx / BK : idx % BN;
-        const int c = W::kContiguousK ? idx % BK : idx / BN;
-        const int64_t n = n0 + r, kk = k0 + c;
-        ws[r * LDT + c] = (n < a.N && kk < a.K) ? W::template load<D>(a, e, n, kk) : zero;
-      }
-      __syncthreads();
+      const bool more = k0 + BK < a.K;
+      if (more) fetch(k0 + BK);  // global loads in flight while the tensor cores work
+#pragma unroll
       for (int kf = 0; kf < BK; kf += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], xs + (wm + 16 * i) * LDT + kf, LDT);
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], ws + (wn + 16 * j) * LDT + kf, LDT);
-        for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], &xs[buf][(wm + 16 * i) * LDT + kf], LDT);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &ws[buf][(wn + 16 * j) * LDT + kf], LDT);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
           for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
+      if (more) {
+        stash(buf ^ 1);  // the other buffer: nobody reads it during this step
+        __syncthreads();  // the new tile is visible, and everyone is done with `buf`
+        buf ^= 1;
+      }
     }
-    __syncthreads();  // all warps are done with xs/ws before cs (which aliases them) is written
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(cs + (wm + 16 * i) * LDC + wn + 16 * j, acc[i][j], LDC, wmma::mem_row_major);
+
+    // Epilogue, one 16x16 fragment at a time through a per-warp f32 staging area that aliases
+    // the tile buffers (all warps finished their fragment loads at the barrier below).
     __syncthreads();
-    for (int idx = threadIdx.x; idx < BM * BN; idx += THREADS) {
-      const int r = idx / BN, c = idx % BN;
-      const int64_t pair = pair_of[r], n = n0 + c;
-      if (pair < 0 || n >= a.N) continue;
-      const float v = load_as_float(a.scores, pair, a.score_dtype) * cs[r * LDC + c];
-      if (a.partial != nullptr) a.partial[pair * a.N + n] = v;
-      else store_from_float(a.out, pair * a.N + n, a.out_dtype, v);
-    }
+    float* stage = reinterpret_cast<float*>(&xs[0][0]) + warp * 256;
+    static_assert(sizeof(xs) >= THREADS / 32 * 256 * sizeof(float), "staging fits the x tiles");
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::store_matrix_sync(stage, acc[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int idx = lane + 32 * q, r = wm + 16 * i + idx / 16, c = wn + 16 * j + idx % 16;
+          const int64_t pair = pair_of[r], n = n0 + c;
+          if (pair < 0 || n >= a.N) continue;
+          const float v = load_as_float(a.scores, pair, a.score_dtype) * stage[idx];
+          if (a.partial != nullptr) a.partial[pair * a.N + n] = v;
+          else store_from_float(a.out, pair * a.N + n, a.out_dtype, v);
+        }
+        __syncwarp();  // the staging area is read before the next fragment overwrites it
+      }
   }
 }
 
@@ -184,7 +261,6 @@ std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scrat
   a.scores = b.scores;
   a.out = p.reduce ? nullptr : b.out;
   a.partial = p.reduce ? reinterpret_cast<float*>(scratch + s.partial) : nullptr;
-  a.ids = b.ids;
   a.offsets = reinterpret_cast<const int32_t*>(scratch + s.offsets);
   a.tile_start = reinterpret_cast<const int32_t*>(scratch + s.tile_start);
   a.perm = reinterpret_cast<const int32_t*>(scratch + s.perm);
@@ -193,6 +269,8 @@ std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scrat
   a.score_dtype = p.score_dtype;
   a.out_dtype = p.out_dtype;
   a.x_per_pair = p.x_per_pair;
+  a.vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
+          (p.kind != MoeKind::WMMA || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);
   return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, stream)
                                  : launch_for_dtype<DType::BF16>(p, a, stream);
 }

@@ -1,0 +1,38 @@
+// WMMA and WMMA_GGUF at small T: the token GEMV kernel with dense or GGUF-decoding row dots.
+// Same numerical contract as the tensor-core path (weights as stored or decoded and rounded once
+// to x's dtype, f32 products and accumulation); CUDA cores serve better when each expert sees
+// only a few tokens and the work is reading the weights.
+#include <cstdint>
+
+#include "common.cuh"
+#include "kernels.h"
+#include "token_gemv.cuh"
+
+namespace jax_moe {
+
+bool use_token_gemv(const MoeProblem& p) {
+  if (p.kind == MoeKind::SCALAR_GGUF) return true;
+  if (p.layout != WeightLayout::ENK) return false;  // rows must be contiguous along K
+  return p.T <= 4 || p.pairs() <= 2 * p.E;
+}
+
+std::string launch_small_t(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
+  const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
+                   (p.kind == MoeKind::WMMA_GGUF || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);
+  std::string err;
+  auto run = [&](auto dtype) {
+    constexpr DType D = decltype(dtype)::value;
+    if (p.kind == MoeKind::WMMA) {
+      err = launch_token_gemv<DenseDot<D>>(p, b, b.x, vec, stream);
+    } else {
+      dispatch_format(p.wtype, [&](auto fmt) {
+        err = launch_token_gemv<GgufDot<decltype(fmt), D>>(p, b, b.x, vec, stream);
+      });
+    }
+  };
+  if (p.x_dtype == DType::F16) run(std::integral_constant<DType, DType::F16>{});
+  else run(std::integral_constant<DType, DType::BF16>{});
+  return err;
+}
+
+}  // namespace jax_moe
