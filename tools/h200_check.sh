@@ -32,7 +32,7 @@ if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
   summary+=("cpu tests (jax on the device): $(tail -1 "$OUT/cpu_tests.log")")
 fi
 if [ "$MODE" = sanitize ] || [ "$MODE" = all ]; then
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool "$tool" --print-limit 20 python3 -m pytest -q -m gpu test_gpu.py -p no:cacheprovider \
       -k "($SAN_K) and not graphs and not million" > "$OUT/$tool.log" 2>&1
     summary+=("$tool: $(grep -E '(passed|failed)' "$OUT/$tool.log" | tail -1) | $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | sort | uniq -c | tr '\n' ' ')")

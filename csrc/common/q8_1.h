@@ -57,9 +57,13 @@ JM_HD float dot_subblock_q8_1(const typename F::Block& w, int s, const block_q8_
   const block_q8_1& xb = xs[i0 / QK8_1];
   const int8_t* xq = xb.qs + (i0 % QK8_1);
   int32_t sumi = 0, sumx = 0;
-  for (int i = 0; i < F::SUB; ++i) {
-    sumi += F::quant(w, i0 + i) * xq[i];
-    if (F::HAS_MIN && F::SUB != QK8_1) sumx += xq[i];
+  for (int g = 0; g < F::SUB; g += 8) {
+    int q[8];
+    F::quant8(w, i0 + g, q);
+    for (int i = 0; i < 8; ++i) {
+      sumi += q[i] * xq[g + i];
+      if (F::HAS_MIN && F::SUB != QK8_1) sumx += xq[g + i];
+    }
   }
   if (F::HAS_MIN && F::SUB == QK8_1) sumx = xb.sum;
   float a, m;

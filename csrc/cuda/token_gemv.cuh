@@ -131,11 +131,10 @@ struct GgufDot {
 #pragma unroll
           for (int i = 0; i < 8; ++i) xf[i] = load_as_float(xs, c * 8 + i, D);
         }
+        float wf[8];
+        decode8<F>(blk, s * F::SUB + c * 8, sc, mn, wf);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float wv = round_to(D, decode_value<F>(blk, s * F::SUB + c * 8 + i, sc, mn));
-          part += wv * xf[i];
-        }
+        for (int i = 0; i < 8; ++i) part += round_to(D, wf[i]) * xf[i];
       }
     }
     return part;

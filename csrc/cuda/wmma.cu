@@ -92,10 +92,11 @@ struct Gguf {
         static_cast<const uint8_t*>(a.w) + (e * a.N + n) * a.row_bytes);
     const typename F::Block& blk = blocks[k0 / F::QK];
     const int i0 = static_cast<int>(k0 % F::QK);
-    float sc, mn;
+    float sc, mn, v[8];
     F::scale_min(blk, i0 / F::SUB, sc, mn);
+    decode8<F>(blk, i0, sc, mn, v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) p.h[i] = to_bits<D>(decode_value<F>(blk, i0 + i, sc, mn));
+    for (int i = 0; i < 8; ++i) p.h[i] = to_bits<D>(v[i]);
     return p;
   }
 };
