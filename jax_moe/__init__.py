@@ -9,6 +9,8 @@
 from ._ext import build_info
 from .ffn import MoEWeights, SharedExpert, fuse_gate_up, moe_block, moe_ffn
 from .kinds import GGMLType, MoeKind, WeightLayout
+from . import parallel, partitioning
+from .parallel import ExpertParallel, expert_parallel_ffn
 from .ops import moe_matmul
 from .primitive import InferenceOnlyError, moe_matmul_p
 from .quantized import QuantizedExperts, dequantize, quantize
@@ -17,6 +19,7 @@ from .routing import RouterConfig, route
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertParallel",
     "GGMLType",
     "InferenceOnlyError",
     "MoEWeights",
@@ -27,6 +30,7 @@ __all__ = [
     "WeightLayout",
     "build_info",
     "dequantize",
+    "expert_parallel_ffn",
     "fuse_gate_up",
     "moe_block",
     "moe_ffn",

@@ -10,8 +10,9 @@ import numpy as np
 
 from . import batching as _batching  # noqa: F401  (registers the batching rule)
 from . import lowering as _lowering  # noqa: F401  (registers the lowerings)
+from . import partitioning as _partitioning  # binds moe_matmul_p through its sharding rule
 from .kinds import MoeKind, WeightLayout, dense_wtype
-from .primitive import moe_matmul_p
+from .primitive import moe_matmul_p  # noqa: F401  (bound via partitioning.bind)
 from .quantized import QuantizedExperts
 from .shapes import check_expert_ids, check_kind_dtypes
 
@@ -104,7 +105,7 @@ def moe_matmul(
     if out_dtype is None:
         out_dtype = np.float32 if kind == MoeKind.SCALAR_GGUF else x.dtype
     wtype = int(w.qtype) if quantized else int(dense_wtype(x.dtype))
-    return moe_matmul_p.bind(
+    return _partitioning.bind(
         x, expert_ids, w_data, scores,
         kind=int(kind), wtype=wtype, layout=int(layout), reduce=bool(reduce),
         out_dtype=np.dtype(out_dtype),

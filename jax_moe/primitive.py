@@ -40,9 +40,18 @@ def _abstract_eval(x, ids, w, scores, *, kind, wtype, layout, reduce, out_dtype)
         x.shape, x.dtype, ids.shape, ids.dtype, w.shape, w.dtype, scores.shape, scores.dtype,
         kind=kind, wtype=wtype, layout=layout, reduce=reduce, out_dtype=out_dtype,
     )
-    # update() keeps x's varying manual axes (shard_map) and memory space.
+    # update() keeps x's manual axis type (shard_map) and memory space; the output varies over
+    # the manual axes that any operand varies over (check_vma=True).
+    kwargs = {}
+    mat = getattr(x, "manual_axis_type", None)
+    if mat is not None:
+        varying = frozenset().union(*(getattr(getattr(a, "manual_axis_type", None), "varying", ())
+                                      for a in (x, ids, w, scores)))
+        if varying != mat.varying:
+            kwargs["manual_axis_type"] = mat.update(varying=varying, unreduced=mat.unreduced - varying,
+                                                    reduced=mat.reduced - varying)
     return x.update(shape=shape, dtype=np.dtype(out_dtype), weak_type=False,
-                    sharding=_out_sharding(x, len(shape)))
+                    sharding=_out_sharding(x, len(shape)), **kwargs)
 
 
 def _jvp(primals, tangents, **params):
