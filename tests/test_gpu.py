@@ -71,6 +71,20 @@ def test_wmma_gguf_gpu(rng, fmt, dtype, reduce, x_rank, T):
     check(gpu_run(case, reduce=reduce), case)
 
 
+# Pairs per expert pick the GEMM's path: < 64 the skinny 32x256 tile, >= 64 the 128x128 tile,
+# and for GGUF >= 256 the decode-into-scratch-first path. E=2, k=2: T=70 -> 70 pairs per expert,
+# T=260 -> 260 pairs per expert.
+@pytest.mark.parametrize("T", [70, 260])
+@pytest.mark.parametrize("kind,fmt,layout", [(MoeKind.WMMA, None, "enk"), (MoeKind.WMMA, None, "ekn"),
+                                             *[(MoeKind.WMMA_GGUF, f, "enk") for f in FORMATS]])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("reduce", REDUCE)
+def test_large_tile_and_decode_first_gpu(rng, T, kind, fmt, layout, dtype, reduce):
+    case = make_case(rng, kind=kind, fmt=fmt, dtype=dtype, layout=layout, reduce=reduce,
+                     T=T, k=2, E=2, N=136, K=256, x_rank=3 if reduce else 2)
+    check(gpu_run(case, reduce=reduce, weight_layout=layout), case)
+
+
 @pytest.mark.parametrize("fmt,reduce,x_rank", list(itertools.product(FORMATS, REDUCE, RANKS)))
 def test_scalar_gguf_gpu(rng, fmt, reduce, x_rank):
     case = make_case(rng, kind=MoeKind.SCALAR_GGUF, fmt=fmt, reduce=reduce, x_rank=x_rank, T=13, k=2, E=4, N=40)

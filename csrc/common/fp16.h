@@ -9,6 +9,11 @@
 
 #include "hd.h"
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace jax_moe {
 
 JM_HD uint32_t f32_bits(float f) {
@@ -33,6 +38,9 @@ JM_HD float bits_f32(uint32_t u) {
 
 // IEEE binary16 bits -> f32 (exact).
 JM_HD float half_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t man = h & 0x3ffu;
@@ -42,10 +50,14 @@ JM_HD float half_to_float(uint16_t h) {
   // Subnormal half: value = man * 2^-24, exactly representable in f32.
   const float v = static_cast<float>(man) * 5.9604644775390625e-08f;
   return sign ? -v : v;
+#endif
 }
 
 // f32 -> IEEE binary16 bits, round to nearest even.
 JM_HD uint16_t float_to_half(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
   const uint32_t x = f32_bits(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
@@ -66,6 +78,7 @@ JM_HD uint16_t float_to_half(float f) {
   const uint32_t half = 1u << (shift - 1u);
   uint32_t r = q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
   return static_cast<uint16_t>(sign | r);
+#endif
 }
 
 // bfloat16 bits -> f32 (exact).
@@ -73,9 +86,13 @@ JM_HD float bf16_to_float(uint16_t b) { return bits_f32(static_cast<uint32_t>(b)
 
 // f32 -> bfloat16 bits, round to nearest even; NaN stays a quiet NaN.
 JM_HD uint16_t float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
   const uint32_t x = f32_bits(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+#endif
 }
 
 // The element types the kernels see. Values are ours (not XLA's); the FFI layer maps them.

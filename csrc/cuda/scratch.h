@@ -20,10 +20,19 @@ struct ScratchLayout {
   size_t perm = 0;        // int32 [T * k]  pairs sorted by expert
   size_t partial = 0;     // f32 [T * k, N] per-pair results, when reducing on the WMMA path
   size_t staged = 0;      // block_q8_1 [x_rows, K / 32], SCALAR_GGUF's staged activations
+  size_t decoded = 0;     // x-dtype [E, N, K]: GGUF experts decoded once, at large T
   size_t total = 0;
 };
 
 inline size_t align256(size_t n) { return (n + 255) & ~size_t{255}; }
+
+// WMMA_GGUF with this many pairs per expert or more decodes the experts once into scratch and
+// runs the dense GEMM on them: otherwise every weight is decoded again for each M tile.
+constexpr int64_t kDecodeFirstPairsPerExpert = 256;
+
+inline bool gguf_decode_first(MoeKind kind, int64_t T, int64_t k, int64_t E) {
+  return kind == MoeKind::WMMA_GGUF && E > 0 && T * k >= kDecodeFirstPairsPerExpert * E;
+}
 
 inline ScratchLayout scratch_layout(MoeKind kind, int64_t T, int64_t k, int64_t E, int64_t N,
                                     int64_t K, int64_t x_rows, bool reduce) {
@@ -44,6 +53,7 @@ inline ScratchLayout scratch_layout(MoeKind kind, int64_t T, int64_t k, int64_t 
     s.cursor = take(sizeof(int32_t) * static_cast<size_t>(E));
     s.perm = take(sizeof(int32_t) * pairs);
     if (reduce) s.partial = take(sizeof(float) * pairs * static_cast<size_t>(N));
+    if (gguf_decode_first(kind, T, k, E)) s.decoded = take(sizeof(uint16_t) * static_cast<size_t>(E * N * K));
   }
   s.total = at;
   return s;

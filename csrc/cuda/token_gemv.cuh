@@ -116,6 +116,7 @@ struct GgufDot {
         static_cast<const uint8_t*>(a.w) + (e * a.N + n) * a.row_bytes);
     const auto* xr = static_cast<const uint16_t*>(a.x) + a.x_row(pair) * a.K;
     float part = 0.0f;
+#pragma unroll 2
     for (int64_t u = lane; u < a.K / F::SUB; u += 32) {
       const typename F::Block& blk = blocks[u / NSUB];
       const int s = static_cast<int>(u % NSUB);

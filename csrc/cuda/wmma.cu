@@ -1,5 +1,9 @@
 // WMMA and WMMA_GGUF: a grouped GEMM on tensor cores (16x16x16 tiles, f32 accumulation).
 //
+// Two tile shapes: 128x128 for many pairs per expert, and 32x256 ("skinny") when each expert sees
+// few pairs and the work is streaming its weights. At large T, GGUF experts are first decoded
+// once into scratch (rounded to x's dtype) and the dense GEMM runs on them.
+//
 // Pairs are grouped by expert (grouping.cu). Block (m, n) computes a BM x BN tile of one expert:
 // BM pairs of that expert against BN weight rows, over K in steps of BK. Tiles go through a
 // double-buffered shared-memory pipeline: each thread loads its 16-byte pieces of the next step
@@ -18,12 +22,24 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int BM = 128, BN = 128, BK = 32, PAD = 8, THREADS = 256;
-constexpr int LDT = BK + PAD;        // row stride of the x and w tiles (elements): 80 bytes
-constexpr int CHUNKS = BK / 8;       // 16-byte pieces per tile row per step
-constexpr int PIECES = BM * CHUNKS / THREADS;  // pieces per thread per tile per step
-static_assert(BM == BN, "x and w tiles share the piece mapping");
-static_assert(PIECES * THREADS == BM * CHUNKS, "tile pieces divide evenly among threads");
+constexpr int BK = 32, PAD = 8, THREADS = 256, WARPS = THREADS / 32;
+constexpr int LDT = BK + PAD;   // row stride of the x and w tiles (elements): 80 bytes
+constexpr int CHUNKS = BK / 8;  // 16-byte pieces per tile row per step
+
+// A tile shape: BM pairs x BN weight rows, warps arranged WARPS_M x WARPS_N.
+template <int BM_, int BN_, int WARPS_M_>
+struct Tile {
+  static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS / WARPS_M_;
+  static constexpr int FM = BM / WARPS_M / 16, FN = BN / WARPS_N / 16;  // fragments per warp
+  static constexpr int XP = (BM * CHUNKS + THREADS - 1) / THREADS;     // x pieces per thread
+  static constexpr int WP = BN * CHUNKS / THREADS;                      // w pieces per thread
+  static_assert(FM >= 1 && FN >= 1 && WP * THREADS == BN * CHUNKS, "tile shape");
+};
+using LargeTile = Tile<128, 128, 2>;
+using SkinnyTile = Tile<32, 256, 1>;
+
+// Pairs per expert below which the skinny tile is used.
+constexpr int64_t kSkinnyPairsPerExpert = 64;
 
 struct GemmArgs {
   const void* x;
@@ -102,6 +118,7 @@ struct Gguf {
 };
 
 // Which expert and which of its tiles block m works on; false when m is past the last tile.
+template <int BM>
 __device__ bool find_tile(const GemmArgs& a, int64_t m, int64_t& e, int64_t& row0, int64_t& rows) {
   if (m >= a.tile_start[a.E]) return false;
   int64_t lo = 0, hi = a.E;  // tile_start[lo] <= m < tile_start[hi]
@@ -128,54 +145,58 @@ __device__ __forceinline__ Piece load_x(const GemmArgs& a, int64_t xrow, int64_t
   return p;
 }
 
-template <DType D, class W>
+template <DType D, class W, class C>
 __global__ void __launch_bounds__(THREADS) grouped_wmma_kernel(GemmArgs a) {
   using T = typename DevType<D>::type;
+  constexpr int BM = C::BM, BN = C::BN;
   __shared__ __align__(128) T xs[2][BM * LDT];
   __shared__ __align__(128) T ws[2][BN * LDT];
   __shared__ int64_t pair_of[BM];
   __shared__ int64_t xrow_of[BM];
 
   int64_t e, row0, rows;
-  if (!find_tile(a, blockIdx.x, e, row0, rows)) return;
+  if (!find_tile<BM>(a, blockIdx.x, e, row0, rows)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;  // warps: 2 along M x 4 along N
+  const int wm = (warp / C::WARPS_N) * (BM / C::WARPS_M), wn = (warp % C::WARPS_N) * (BN / C::WARPS_N);
 
-  if (threadIdx.x < BM) {
-    const int r = threadIdx.x;
+  for (int r = threadIdx.x; r < BM; r += THREADS) {
     const int64_t pair = r < rows ? a.perm[row0 + r] : -1;
     pair_of[r] = pair;
     xrow_of[r] = pair < 0 ? -1 : (a.x_per_pair ? pair : pair / a.k);
   }
   __syncthreads();
 
-  // Piece i of this thread: tile row (tid / CHUNKS + i * THREADS / CHUNKS), chunk tid % CHUNKS.
+  // Piece i of this thread: tile row (tid / CHUNKS + i * ROW_STEP), chunk tid % CHUNKS.
   const int prow = threadIdx.x / CHUNKS, pchunk = threadIdx.x % CHUNKS;
   constexpr int ROW_STEP = THREADS / CHUNKS;
 
   for (int64_t n0 = int64_t{blockIdx.y} * BN; n0 < a.N; n0 += int64_t{gridDim.y} * BN) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[C::FM][C::FN];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < C::FM; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+      for (int j = 0; j < C::FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-    Piece px[PIECES], pw[PIECES];
+    Piece px[C::XP], pw[C::WP];
     auto fetch = [&](int64_t k0) {
 #pragma unroll
-      for (int i = 0; i < PIECES; ++i) {
+      for (int i = 0; i < C::XP; ++i) {
         const int r = prow + i * ROW_STEP;
-        px[i] = load_x<D>(a, xrow_of[r], k0 + pchunk * 8);
-        pw[i] = W::template load<D>(a, e, n0 + r, k0 + pchunk * 8);
+        if (r < BM) px[i] = load_x<D>(a, xrow_of[r], k0 + pchunk * 8);
       }
+#pragma unroll
+      for (int i = 0; i < C::WP; ++i)
+        pw[i] = W::template load<D>(a, e, n0 + prow + i * ROW_STEP, k0 + pchunk * 8);
     };
     auto stash = [&](int buf) {
 #pragma unroll
-      for (int i = 0; i < PIECES; ++i) {
+      for (int i = 0; i < C::XP; ++i) {
         const int r = prow + i * ROW_STEP;
-        *reinterpret_cast<uint4*>(&xs[buf][r * LDT + pchunk * 8]) = px[i].v;
-        *reinterpret_cast<uint4*>(&ws[buf][r * LDT + pchunk * 8]) = pw[i].v;
+        if (r < BM) *reinterpret_cast<uint4*>(&xs[buf][r * LDT + pchunk * 8]) = px[i].v;
       }
+#pragma unroll
+      for (int i = 0; i < C::WP; ++i)
+        *reinterpret_cast<uint4*>(&ws[buf][(prow + i * ROW_STEP) * LDT + pchunk * 8]) = pw[i].v;
     };
 
     __syncthreads();  // the previous tile's epilogue is done with the buffers
@@ -188,16 +209,16 @@ __global__ void __launch_bounds__(THREADS) grouped_wmma_kernel(GemmArgs a) {
       if (more) fetch(k0 + BK);  // global loads in flight while the tensor cores work
 #pragma unroll
       for (int kf = 0; kf < BK; kf += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[C::FM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[C::FN];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], &xs[buf][(wm + 16 * i) * LDT + kf], LDT);
+        for (int i = 0; i < C::FM; ++i) wmma::load_matrix_sync(fa[i], &xs[buf][(wm + 16 * i) * LDT + kf], LDT);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &ws[buf][(wn + 16 * j) * LDT + kf], LDT);
+        for (int j = 0; j < C::FN; ++j) wmma::load_matrix_sync(fb[j], &ws[buf][(wn + 16 * j) * LDT + kf], LDT);
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < C::FM; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+          for (int j = 0; j < C::FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
       if (more) {
         stash(buf ^ 1);  // the other buffer: nobody reads it during this step
@@ -207,14 +228,14 @@ __global__ void __launch_bounds__(THREADS) grouped_wmma_kernel(GemmArgs a) {
     }
 
     // Epilogue, one 16x16 fragment at a time through a per-warp f32 staging area that aliases
-    // the tile buffers (all warps finished their fragment loads at the barrier below).
+    // the weight tiles (all warps finished their fragment loads at the barrier below).
     __syncthreads();
-    float* stage = reinterpret_cast<float*>(&xs[0][0]) + warp * 256;
-    static_assert(sizeof(xs) >= THREADS / 32 * 256 * sizeof(float), "staging fits the x tiles");
+    float* stage = reinterpret_cast<float*>(&ws[0][0]) + warp * 256;
+    static_assert(sizeof(ws) >= WARPS * 256 * sizeof(float), "staging fits the weight tiles");
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < C::FM; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < C::FN; ++j) {
         wmma::store_matrix_sync(stage, acc[i][j], 16, wmma::mem_row_major);
         __syncwarp();
 #pragma unroll
@@ -231,18 +252,37 @@ __global__ void __launch_bounds__(THREADS) grouped_wmma_kernel(GemmArgs a) {
   }
 }
 
-template <DType D>
-std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
+// Decode GGUF experts [E, N, K] into x's dtype (ggml's formulas, one rounding), 8 per thread.
+template <class F, DType D>
+__global__ void decode_experts_kernel(const uint8_t* w, int64_t rows, int64_t K, int64_t row_bytes, uint16_t* out) {
+  const int64_t pieces = rows * (K / 8);
+  for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < pieces; p += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = p / (K / 8), k0 = (p % (K / 8)) * 8;
+    const auto* blocks = reinterpret_cast<const typename F::Block*>(w + row * row_bytes);
+    const typename F::Block& blk = blocks[k0 / F::QK];
+    const int i0 = static_cast<int>(k0 % F::QK);
+    float sc, mn, v[8];
+    F::scale_min(blk, i0 / F::SUB, sc, mn);
+    decode8<F>(blk, i0, sc, mn, v);
+    Piece out8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out8.h[i] = to_bits<D>(v[i]);
+    *reinterpret_cast<uint4*>(out + row * K + k0) = out8.v;
+  }
+}
+
+template <DType D, class C>
+std::string launch_tile(const MoeProblem& p, const GemmArgs& a, bool decoded, cudaStream_t stream) {
   // Upper bound on M tiles: every non-empty expert adds at most one partial tile.
   const int64_t pairs = p.pairs();
-  const int64_t m_tiles = (pairs + BM - 1) / BM + std::min<int64_t>(p.E, pairs);
-  const dim3 grid(static_cast<unsigned>(m_tiles), grid_y((p.N + BN - 1) / BN));
+  const int64_t m_tiles = (pairs + C::BM - 1) / C::BM + std::min<int64_t>(p.E, pairs);
+  const dim3 grid(static_cast<unsigned>(m_tiles), grid_y((p.N + C::BN - 1) / C::BN));
   std::string err;
   auto go = [&](auto loader) {
-    grouped_wmma_kernel<D, decltype(loader)><<<grid, THREADS, 0, stream>>>(a);
+    grouped_wmma_kernel<D, decltype(loader), C><<<grid, THREADS, 0, stream>>>(a);
     err = launch_error("grouped_wmma_kernel");
   };
-  if (p.kind == MoeKind::WMMA) {
+  if (p.kind == MoeKind::WMMA || decoded) {
     if (p.layout == WeightLayout::ENK) go(DenseENK{}); else go(DenseEKN{});
   } else {
     dispatch_format(p.wtype, [&](auto fmt) { go(Gguf<decltype(fmt)>{}); });
@@ -250,11 +290,38 @@ std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, cudaStream_
   return err;
 }
 
+template <DType D>
+std::string launch_for_dtype(const MoeProblem& p, GemmArgs a, uint8_t* scratch, const ScratchLayout& s,
+                             cudaStream_t stream) {
+  const bool decoded = gguf_decode_first(p.kind, p.T, p.k, p.E);
+  if (decoded) {
+    auto* out = reinterpret_cast<uint16_t*>(scratch + s.decoded);
+    const int64_t pieces = p.E * p.N * (p.K / 8);
+    if (pieces > 0) {
+      const unsigned grid = static_cast<unsigned>(std::min<int64_t>((pieces + 255) / 256, 1 << 20));
+      std::string err;
+      dispatch_format(p.wtype, [&](auto fmt) {
+        decode_experts_kernel<decltype(fmt), D><<<grid, 256, 0, stream>>>(
+            static_cast<const uint8_t*>(a.w), p.E * p.N, p.K, p.row_bytes(), out);
+        err = launch_error("decode_experts_kernel");
+      });
+      if (!err.empty()) return err;
+    }
+    a.w = out;
+    a.vec = a.vec && p.K % 8 == 0;  // the scratch region is 256-byte aligned
+  }
+  const bool skinny = p.pairs() < kSkinnyPairsPerExpert * std::max<int64_t>(p.E, 1);
+  return skinny ? launch_tile<D, SkinnyTile>(p, a, decoded, stream)
+                : launch_tile<D, LargeTile>(p, a, decoded, stream);
+}
+
 }  // namespace
 
 std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
                         const ScratchLayout& s, cudaStream_t stream) {
-  if (auto e = group_pairs_by_expert(p, b.ids, scratch, s, BM, stream); !e.empty()) return e;
+  const bool skinny = p.pairs() < kSkinnyPairsPerExpert * std::max<int64_t>(p.E, 1);
+  const int tile_m = skinny ? SkinnyTile::BM : LargeTile::BM;
+  if (auto e = group_pairs_by_expert(p, b.ids, scratch, s, tile_m, stream); !e.empty()) return e;
   if (p.pairs() == 0 || p.N == 0) return {};
   GemmArgs a{};
   a.x = b.x;
@@ -272,8 +339,8 @@ std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scrat
   a.x_per_pair = p.x_per_pair;
   a.vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
           (p.kind != MoeKind::WMMA || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);
-  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, stream)
-                                 : launch_for_dtype<DType::BF16>(p, a, stream);
+  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, scratch, s, stream)
+                                 : launch_for_dtype<DType::BF16>(p, a, scratch, s, stream);
 }
 
 }  // namespace jax_moe
