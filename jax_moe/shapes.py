@@ -14,6 +14,9 @@ from .kinds import GGMLType, MoeKind, WeightLayout, block_size, row_bytes
 
 _F16_BF16 = ("float16", "bfloat16")
 
+#: Routed (token, expert) pairs one call takes: the CUDA grouping indexes pairs with int32.
+MAX_PAIRS = 2**31 - 1
+
 
 def _dt(dtype) -> str:
     return np.dtype(dtype).name
@@ -27,6 +30,11 @@ def check_expert_ids(shape: Sequence[int], dtype) -> tuple[int, int]:
         raise TypeError(f"expert_ids must be int32; got {_dt(dtype)} (use ids.astype(jnp.int32))")
     if shape[1] < 1:
         raise ValueError(f"expert_ids must have k >= 1 routed experts per token; got {list(shape)}")
+    if int(shape[0]) * int(shape[1]) > MAX_PAIRS:
+        raise ValueError(
+            f"expert_ids {list(shape)} holds {int(shape[0]) * int(shape[1])} pairs, more than the "
+            f"{MAX_PAIRS} (2^31 - 1) one call takes; split the tokens into several calls"
+        )
     return int(shape[0]), int(shape[1])
 
 

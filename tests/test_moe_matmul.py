@@ -266,3 +266,17 @@ def test_primitive_checks_shapes_when_bound_directly(rng):
         moe_matmul_p.bind(case.x[:, :256], jnp.asarray(case.ids), jnp.asarray(case.w.data),
                           jnp.ones((3, 2), jnp.float32), kind=2, wtype=12, layout=0, reduce=True,
                           out_dtype=np.dtype("bfloat16"))
+
+
+def test_more_pairs_than_int32_is_a_clear_error():
+    """T * k above 2^31 - 1 is refused at trace time (checked without allocating anything)."""
+    T = 2**30 + 1
+    x = jax.ShapeDtypeStruct((T, 16), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((T, 2), jnp.int32)
+    w = jax.ShapeDtypeStruct((2, 8, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"more than the 2147483647 \(2\^31 - 1\)"):
+        jax.eval_shape(lambda x, i, w: moe_matmul(x, i, w), x, ids, w)
+    # At the limit the shapes are fine.
+    ok = jax.eval_shape(lambda x, i, w: moe_matmul(x, i, w), jax.ShapeDtypeStruct((2**30 - 1, 16), jnp.bfloat16),
+                        jax.ShapeDtypeStruct((2**30 - 1, 2), jnp.int32), w)
+    assert ok.shape == (2**30 - 1, 2, 8)

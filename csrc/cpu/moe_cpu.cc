@@ -1,6 +1,6 @@
 // CPU implementation of the three kinds.
 //
-// Tokens are processed in chunks. Within a chunk the routed pairs are grouped by expert; each
+// Tokens are processed in chunks. Within a chunk the valid routed pairs are sorted by expert; each
 // work item is (expert, tile of weight rows): the tile is brought to the form its kind computes
 // with (f32 rows for WMMA, decoded-and-rounded f32 rows for WMMA_GGUF, raw blocks for
 // SCALAR_GGUF) once, then applied to every pair routed to that expert, writing
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../common/gguf_formats.h"
@@ -122,36 +123,41 @@ void moe_forward_cpu(const MoeProblem& p, const MoeBuffers& buf) {
   const int64_t per_token = std::max<int64_t>(1, k * N);
   const int64_t chunk_tokens = std::max<int64_t>(1, kChunkFloats / per_token);
   std::vector<float> acc;
-  std::vector<int64_t> count(static_cast<size_t>(std::max<int64_t>(E, 0)) + 1), order;
+  // Valid pairs of a chunk sorted by expert (stable: pair order within an expert), and the runs
+  // of one expert in that order. Nothing here is sized by E, so a call with many empty experts
+  // costs only what its pairs cost.
+  struct Run {
+    int64_t expert, begin, end;
+  };
+  std::vector<std::pair<int32_t, int64_t>> sorted;
+  std::vector<Run> runs;
 
   for (int64_t t0 = 0; t0 < T; t0 += chunk_tokens) {
     const int64_t t1 = std::min(T, t0 + chunk_tokens);
     const int64_t p0 = t0 * k, p1 = t1 * k;
     acc.assign(static_cast<size_t>((p1 - p0) * N), 0.0f);
 
-    // Group the chunk's valid pairs by expert (a stable counting sort).
-    std::fill(count.begin(), count.end(), 0);
+    sorted.clear();
     for (int64_t q = p0; q < p1; ++q)
-      if (valid_id(buf.ids[q], E)) ++count[static_cast<size_t>(buf.ids[q]) + 1];
-    for (int64_t e = 0; e < E; ++e) count[static_cast<size_t>(e + 1)] += count[static_cast<size_t>(e)];
-    order.resize(static_cast<size_t>(count[static_cast<size_t>(E)]));
-    {
-      std::vector<int64_t> fill(count.begin(), count.end() - 1);
-      for (int64_t q = p0; q < p1; ++q)
-        if (valid_id(buf.ids[q], E)) order[static_cast<size_t>(fill[static_cast<size_t>(buf.ids[q])]++)] = q;
+      if (valid_id(buf.ids[q], E)) sorted.emplace_back(buf.ids[q], q);
+    std::stable_sort(sorted.begin(), sorted.end(),
+                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    runs.clear();
+    for (size_t i = 0; i < sorted.size(); ++i) {
+      if (i == 0 || sorted[i].first != sorted[i - 1].first)
+        runs.push_back({sorted[i].first, static_cast<int64_t>(i), static_cast<int64_t>(i)});
+      runs.back().end = static_cast<int64_t>(i) + 1;
     }
-    std::vector<int64_t> experts;
-    for (int64_t e = 0; e < E; ++e)
-      if (count[static_cast<size_t>(e + 1)] > count[static_cast<size_t>(e)]) experts.push_back(e);
     const int64_t tiles = (N + kTileRows - 1) / kTileRows;
 
-    parallel_dynamic<Tile>(static_cast<int64_t>(experts.size()) * tiles, [&](int64_t item, Tile& tile) {
-      const int64_t e = experts[static_cast<size_t>(item / tiles)];
+    parallel_dynamic<Tile>(static_cast<int64_t>(runs.size()) * tiles, [&](int64_t item, Tile& tile) {
+      const Run& run = runs[static_cast<size_t>(item / tiles)];
+      const int64_t e = run.expert;
       const int64_t n0 = (item % tiles) * kTileRows, rows = std::min(kTileRows, N - n0);
       const bool scalar = p.kind == MoeKind::SCALAR_GGUF;
       if (!scalar) load_tile(p, buf.w, e, n0, rows, tile);
-      for (int64_t o = count[static_cast<size_t>(e)]; o < count[static_cast<size_t>(e + 1)]; ++o) {
-        const int64_t q = order[static_cast<size_t>(o)];
+      for (int64_t o = run.begin; o < run.end; ++o) {
+        const int64_t q = sorted[static_cast<size_t>(o)].second;
         const float s = load_as_float(buf.scores, q, p.score_dtype);
         const int64_t xr = p.x_row(q);
         float* dst = acc.data() + (q - p0) * N + n0;

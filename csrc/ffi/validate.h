@@ -3,6 +3,7 @@
 // kernel read or write outside its buffers.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <string>
 
@@ -65,7 +66,9 @@ inline ffi::Error describe_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer
   p.T = id[0];
   p.k = id[1];
   if (p.T < 0 || p.k < 1) return invalid("expert_ids must have k >= 1, got " + dims_str(id));
-  if (p.T > (int64_t{1} << 40) / p.k) return invalid("T * k is too large");
+  if (p.T > INT32_MAX / p.k)  // the CUDA grouping indexes pairs with int32
+    return invalid("T * k = " + std::to_string(p.T) + " * " + std::to_string(p.k) +
+                   " pairs exceeds the limit of 2^31 - 1 pairs per call; split the tokens");
 
   const auto xd = x.dimensions();
   if (xd.size() == 2 && xd[0] == p.T) {
