@@ -8,6 +8,13 @@
     moe = jax_moe.gguf.load_nnx("Qwen3-30B-A3B-Q4_K_M.gguf", block=0)  # a jax_moe.nnx.MoE
     blocks = jax_moe.gguf.load_blocks("Qwen3-30B-A3B-Q4_K_M.gguf")     # {block: MoE}, with a progress bar
 
+GGUF files are untrusted input. Before ``gguf.GGUFReader`` parses a file, its header is walked
+with every count, length and offset checked against the file's size, so a truncated or corrupt
+file is a :class:`GGUFError` (a ValueError) that says what is wrong instead of an exception from
+deep inside the reader, a hang or an exhausted memory; every tensor's shape, type and data
+extent is checked again on the parsed reader (also for a ``gguf.GGUFReader`` passed in), and
+the MoE metadata and tensors are checked against each other before any byte is copied.
+
 The file is memory-mapped (``gguf.GGUFReader``). Expert tensors in a format jax_moe runs
 (Q8_0, Q2_K..Q6_K; F16/BF16 dense) are used as stored, ``[E, N, K]`` in numpy order: their
 bytes are copied once, from the mapped file into the array the module holds (gate and up
@@ -30,8 +37,11 @@ Requires the ``gguf`` package (and ``tqdm`` for progress bars), optional depende
 from __future__ import annotations
 
 import dataclasses
+import math
+import mmap
 import os
 import re
+import struct
 import warnings
 from typing import Any, Iterable, Mapping
 
@@ -47,6 +57,7 @@ from .kinds import QUANTIZED_TYPES, GGMLType
 from .routing import RouterConfig
 
 __all__ = [
+    "GGUFError",
     "GGUFMoEConfig",
     "load_block_weights",
     "load_blocks",
@@ -59,6 +70,7 @@ _QT = _gguf.GGMLQuantizationType
 _RUNS = {int(t) for t in QUANTIZED_TYPES}  # GGUF formats moe_matmul runs as they are
 _DENSE = {int(_QT.F16): np.dtype(np.float16), int(_QT.BF16): np.dtype(ml_dtypes.bfloat16),
           int(_QT.F32): np.dtype(np.float32)}
+_INTEGER = {int(_QT.I8), int(_QT.I16), int(_QT.I32), int(_QT.I64)}  # never weights
 
 # llama.cpp's per-architecture routing where the file carries no metadata
 # (gating, renormalize the top-k weights).
@@ -114,19 +126,213 @@ class GGUFMoEConfig:
     moe_blocks: tuple[int, ...]
 
 
+class GGUFError(ValueError):
+    """A GGUF file that is truncated, corrupt or inconsistent with itself (its metadata, shapes,
+    types or offsets); raised before any of its tensor bytes is used."""
+
+
+# -- the file's structure, checked before gguf.GGUFReader parses it --------------------------------
+
+_MAX_DIMS = 4                 # GGML_MAX_DIMS: tensors of ggml have at most 4 dimensions
+_MAX_ELEMENTS = 2**62         # elements of one tensor (byte counts stay far below 2**63)
+_MAX_EXPERTS = 2**31 - 1      # expert ids are int32
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_READER_VERSIONS = tuple(getattr(_gguf.gguf_reader, "READER_SUPPORTED_VERSIONS", (2, 3)))
+
+
+def _tensor_nbytes(where: str, name: str, dims: list[int], type_id: int) -> int:
+    """Bytes of a tensor of ggml type ``type_id`` with GGUF dims ``dims`` (innermost first), or
+    GGUFError naming what is wrong with it."""
+    try:
+        qt = _QT(type_id)
+        block, type_size = _gguf.GGML_QUANT_SIZES[qt]
+    except (ValueError, KeyError):
+        raise GGUFError(f"{where}tensor {name!r} has unknown ggml type id {type_id}") from None
+    if len(dims) > _MAX_DIMS:
+        raise GGUFError(f"{where}tensor {name!r} has {len(dims)} dimensions; GGUF tensors have at most {_MAX_DIMS}")
+    n = math.prod(dims)
+    if n > _MAX_ELEMENTS:
+        raise GGUFError(f"{where}tensor {name!r}: shape {list(reversed(dims))} holds {n} elements, more than "
+                        f"any file can (the dimensions are corrupt)")
+    row = dims[0] if dims else 1
+    if row % block:
+        raise GGUFError(f"{where}tensor {name!r}: its rows have {row} elements, not a multiple of the "
+                        f"{qt.name} block size {block}")
+    return n // block * type_size
+
+
+class _Scanner:
+    """Walks a GGUF header in a read-only mapping; every read is bounds-checked."""
+
+    def __init__(self, buf, size: int, where: str):
+        self.buf, self.size, self.where, self.pos = buf, size, where, 0
+        self.order = "<"
+
+    def fail(self, what: str) -> GGUFError:
+        return GGUFError(f"{self.where}truncated or corrupt GGUF file: {what} (at byte {self.pos} of {self.size})")
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"{what} needs {n} bytes but only {self.size - self.pos} remain")
+
+    def unpack(self, fmt: str, what: str) -> int:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (v,) = struct.unpack_from(self.order + fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def string(self, what: str, decode: bool) -> str | None:
+        n = self.unpack("Q", f"the length of {what}")
+        self.need(n, what)
+        raw = self.buf[self.pos:self.pos + n] if decode else None
+        self.pos += n
+        if raw is None:
+            return None
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        """Skip (or, for a scalar, return) one value of GGUFValueType ``vtype``."""
+        if vtype in _SCALAR_BYTES:
+            fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}[vtype]
+            return self.unpack(fmt, what)
+        if vtype == _STRING:
+            self.string(what, decode=False)
+            return None
+        if vtype == _ARRAY:
+            if depth > 8:
+                raise self.fail(f"{what}: arrays nested more than 8 deep")
+            etype = self.unpack("I", f"the element type of {what}")
+            count = self.unpack("Q", f"the length of {what}")
+            if etype in _SCALAR_BYTES:
+                self.need(count * _SCALAR_BYTES[etype], f"{what} ({count} elements)")
+                self.pos += count * _SCALAR_BYTES[etype]
+                return None
+            if etype not in (_STRING, _ARRAY):
+                raise self.fail(f"{what} has unknown element type {etype}")
+            least = 8 if etype == _STRING else 12
+            self.need(count * least, f"{what} ({count} elements)")
+            for _ in range(count):
+                self.value(etype, what, depth + 1)
+            return None
+        raise self.fail(f"{what} has unknown value type {vtype}")
+
+    def run(self) -> None:
+        self.need(24, "the header (magic, version, tensor and key counts)")
+        magic = self.unpack("I", "the magic")
+        if magic != _gguf.GGUF_MAGIC:
+            raise GGUFError(f"{self.where}not a GGUF file (the magic number is {magic:#010x}, not "
+                            f"{_gguf.GGUF_MAGIC:#010x} 'GGUF')")
+        version = self.unpack("I", "the version")
+        if version & 0xFFFF == 0:  # written in the other byte order
+            self.order = ">"
+            version = struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in _READER_VERSIONS:
+            raise GGUFError(f"{self.where}GGUF version {version} is not supported (versions {list(_READER_VERSIONS)})")
+        n_tensors = self.unpack("Q", "the tensor count")
+        n_kv = self.unpack("Q", "the key count")
+        self.need(n_kv * 13, f"{n_kv} metadata keys")
+        alignment = _gguf.GGUF_DEFAULT_ALIGNMENT
+        keys: set[str] = set()
+        for i in range(n_kv):
+            key = self.string(f"the name of metadata key {i}", decode=True)
+            if key in keys:
+                raise self.fail(f"metadata key {key!r} occurs twice")
+            keys.add(key)
+            vtype = self.unpack("I", f"the type of {key!r}")
+            v = self.value(vtype, f"the value of {key!r}")
+            if key == "general.alignment":
+                if vtype != _UINT32 or not v or v & (v - 1):
+                    raise self.fail(f"general.alignment must be a uint32 power of two, got {v!r}")
+                alignment = v
+        self.need(n_tensors * 24, f"{n_tensors} tensor descriptions")
+        tensors = []
+        names: set[str] = set()
+        for i in range(n_tensors):
+            name = self.string(f"the name of tensor {i}", decode=True)
+            if name in names:
+                raise self.fail(f"tensor {name!r} occurs twice")
+            names.add(name)
+            n_dims = self.unpack("I", f"the rank of tensor {name!r}")
+            if n_dims > _MAX_DIMS:
+                raise self.fail(f"tensor {name!r} has {n_dims} dimensions; GGUF tensors have at most {_MAX_DIMS}")
+            dims = [self.unpack("Q", f"the shape of tensor {name!r}") for _ in range(n_dims)]
+            type_id = self.unpack("I", f"the type of tensor {name!r}")
+            offset = self.unpack("Q", f"the data offset of tensor {name!r}")
+            tensors.append((name, _tensor_nbytes(self.where, name, dims, type_id), offset))
+        start = -(-self.pos // alignment) * alignment
+        for name, nbytes, offset in tensors:
+            begin = start + offset
+            if begin + nbytes > self.size:
+                raise GGUFError(
+                    f"{self.where}tensor {name!r}: its data, bytes [{begin}, {begin + nbytes}), extends past "
+                    f"the end of the file ({self.size} bytes): the file is truncated or the offset is corrupt")
+
+
+def _check_structure(path: str | os.PathLike) -> None:
+    where = f"{os.fspath(path)}: "
+    size = os.path.getsize(path)
+    if size < 24:
+        raise GGUFError(f"{where}{size} bytes is too short for a GGUF file (the header alone is 24 bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _Scanner(buf, size, where).run()
+
+
+def _check_tensors(reader: _gguf.GGUFReader) -> None:
+    """Every parsed tensor's shape, type and bytes agree with each other and lie in the file."""
+    where = f"{getattr(getattr(reader, 'data', None), 'filename', None) or 'GGUF file'}: "
+    size = int(reader.data.size)
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape]
+        nbytes = _tensor_nbytes(where, t.name, dims, int(t.tensor_type))
+        data = t.data
+        if (int(data.nbytes) != nbytes or int(t.n_elements) != math.prod(dims)
+                or int(t.data_offset) + nbytes > size or int(t.data_offset) < 0):
+            raise GGUFError(f"{where}tensor {t.name!r}: shape {list(reversed(dims))} of {_type_name(t)} needs "
+                            f"{nbytes} bytes at offset {int(t.data_offset)}, but the file holds {int(data.nbytes)} "
+                            f"there ({size} bytes in all): the file is truncated or corrupt")
+
+
 def _reader(source: str | os.PathLike | _gguf.GGUFReader) -> _gguf.GGUFReader:
     if isinstance(source, _gguf.GGUFReader):
+        _check_tensors(source)
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path or a gguf.GGUFReader; got {type(source).__name__}")
     if not os.path.isfile(source):
         raise ValueError(f"GGUF file not found: {os.fspath(source)!r}")
-    return _gguf.GGUFReader(source, "r")
+    _check_structure(source)
+    try:
+        reader = _gguf.GGUFReader(source, "r")
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error) as e:
+        raise GGUFError(f"{os.fspath(source)}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    _check_tensors(reader)
+    return reader
 
 
 def _field(reader: _gguf.GGUFReader, key: str) -> Any:
     f = reader.get_field(key)
-    return None if f is None else f.contents()
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise GGUFError(f"metadata {key!r} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _int_field(reader: _gguf.GGUFReader, key: str, lo: int, hi: int | None = None) -> int | None:
+    """Metadata ``key`` as an int in [lo, hi], None where absent; GGUFError naming the key otherwise."""
+    v = _field(reader, key)
+    if v is None:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        want = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise GGUFError(f"metadata {key} must be {want}; the file has {v!r}")
+    return int(v)
 
 
 def read_moe_config(source: str | os.PathLike | _gguf.GGUFReader, *,
@@ -140,27 +346,29 @@ def read_moe_config(source: str | os.PathLike | _gguf.GGUFReader, *,
     reader = _reader(source)
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str):
-        raise ValueError("not a model GGUF file: general.architecture is missing")
+        raise GGUFError("not a model GGUF file: general.architecture is missing")
     key = lambda name: f"{arch}.{name}"  # noqa: E731
-    n_expert = _field(reader, key("expert_count"))
+    n_expert = _int_field(reader, key("expert_count"), 0, _MAX_EXPERTS)
     if not n_expert:
-        raise ValueError(f"{arch} checkpoint has no experts ({key('expert_count')} is missing or 0)")
-    k = _field(reader, key("expert_used_count"))
+        raise GGUFError(f"{arch} checkpoint has no experts ({key('expert_count')} is missing or 0)")
+    k = _int_field(reader, key("expert_used_count"), 0, n_expert)
     if not k:
-        raise ValueError(f"{key('expert_used_count')} is missing or 0")
+        raise GGUFError(f"{key('expert_used_count')} is missing or 0")
     moe_blocks = sorted({int(m.group(1)) for t in reader.tensors
                          if (m := _EXPERT_TENSOR.match(t.name))})
 
     if router is None:
         gating, norm = _ARCH_ROUTING.get(arch, (None, None))
-        func = _field(reader, key("expert_gating_func"))
+        func = _int_field(reader, key("expert_gating_func"), 0)
         if func is not None:
             if int(func) not in _GATING_FUNC:
-                raise ValueError(f"{key('expert_gating_func')} = {func} is not a known gating "
+                raise GGUFError(f"{key('expert_gating_func')} = {func} is not a known gating "
                                  f"function (1 softmax, 2 sigmoid)")
             gating = _GATING_FUNC[int(func)]
         file_norm = _field(reader, key("expert_weights_norm"))
         if file_norm is not None:
+            if not isinstance(file_norm, (bool, int, np.integer)):
+                raise GGUFError(f"metadata {key('expert_weights_norm')} must be a bool; the file has {file_norm!r}")
             norm = bool(file_norm)
         if gating is None or norm is None:
             warnings.warn(f"jax_moe.gguf: no routing defaults known for architecture {arch!r}; using "
@@ -168,9 +376,14 @@ def read_moe_config(source: str | os.PathLike | _gguf.GGUFReader, *,
                           f"override)", stacklevel=2)
             gating, norm = gating or "softmax", bool(norm)
         scale = _field(reader, key("expert_weights_scale"))
+        if scale is not None and (isinstance(scale, (bool, str, list)) or not math.isfinite(float(scale))):
+            raise GGUFError(f"metadata {key('expert_weights_scale')} must be a finite number; the file has {scale!r}")
         scale = 1.0 if not scale else float(scale)
-        groups = int(_field(reader, key("expert_group_count")) or 1)
-        used = int(_field(reader, key("expert_group_used_count")) or groups)
+        groups = _int_field(reader, key("expert_group_count"), 0, n_expert) or 1
+        used = _int_field(reader, key("expert_group_used_count"), 0, groups) or groups
+        if n_expert % groups:
+            raise GGUFError(f"metadata {key('expert_group_count')} = {groups} does not divide "
+                            f"{key('expert_count')} = {n_expert}")
         router = RouterConfig(k=int(k), gating=gating, normalize=norm, scale=scale,
                               n_groups=groups, n_groups_used=used)
     elif not isinstance(router, RouterConfig):
@@ -181,8 +394,7 @@ def read_moe_config(source: str | os.PathLike | _gguf.GGUFReader, *,
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
 
     def opt_int(name: str) -> int | None:
-        v = _field(reader, key(name))
-        return None if v is None else int(v)
+        return _int_field(reader, key(name), 0)
 
     return GGUFMoEConfig(
         arch=arch, block_count=opt_int("block_count"), expert_count=int(n_expert),
@@ -216,16 +428,23 @@ class _Host:
     data: np.ndarray             # uint8 [E, N, bytes] (a view of the mapped file) or dense [E, N, K]
 
 
+def _not_integer(t: Any) -> None:
+    if int(t.tensor_type) in _INTEGER:
+        raise GGUFError(f"{t.name}: tensor type {_type_name(t)} is an integer type; weights must be "
+                        f"F32, F16, BF16 or a GGUF block format")
+
+
 def _host_experts(t: Any, dense_dtype: np.dtype, *, leading_one: bool = False) -> _Host:
     shape = _shape(t)
     data = t.data
     if leading_one:  # a shared expert's 2-d tensor as one expert
         if len(shape) != 2:
-            raise ValueError(f"{t.name}: expected a 2-d tensor, got shape {list(shape)}")
+            raise GGUFError(f"{t.name}: expected a 2-d tensor, got shape {list(shape)}")
         shape, data = (1,) + shape, data.reshape((1,) + tuple(data.shape))
     if len(shape) != 3:
-        raise ValueError(f"{t.name}: expected a 3-d expert tensor [E, N, K], got shape {list(shape)}")
+        raise GGUFError(f"{t.name}: expected a 3-d expert tensor [E, N, K], got shape {list(shape)}")
     qt = int(t.tensor_type)
+    _not_integer(t)
     if qt in _RUNS:
         return _Host(t.name, shape, GGMLType(qt), data)
     if qt in _DENSE:
@@ -239,7 +458,7 @@ def _host_experts(t: Any, dense_dtype: np.dtype, *, leading_one: bool = False) -
         for e in range(shape[0]):
             out[e] = _gguf.quants.dequantize(data[e], _QT(qt)).reshape(shape[1:])
     except NotImplementedError:
-        raise ValueError(
+        raise GGUFError(
             f"{t.name}: tensor type {_type_name(t)} is not a format jax_moe runs (Q8_0, Q2_K..Q6_K, "
             f"F16, BF16, F32), and gguf {getattr(_gguf, '__version__', '')} cannot decode it "
             f"either") from None
@@ -275,13 +494,14 @@ def _fuse(g: _Host, u: _Host) -> _Host | None:
 
 def _to_f32(t: Any) -> np.ndarray:
     qt = int(t.tensor_type)
+    _not_integer(t)
     if qt in _DENSE or qt == int(_QT.F64):
         data = t.data.view(_DENSE[qt]) if qt == int(_QT.BF16) else t.data
         return np.asarray(data, np.float32).reshape(_shape(t))
     try:
         return _gguf.quants.dequantize(t.data, _QT(qt)).astype(np.float32).reshape(_shape(t))
     except NotImplementedError:
-        raise ValueError(f"{t.name}: gguf cannot decode tensor type {_type_name(t)}") from None
+        raise GGUFError(f"{t.name}: gguf cannot decode tensor type {_type_name(t)}") from None
 
 
 def load_block_weights(
@@ -333,11 +553,11 @@ def load_block_weights(
         for e in range(cfg.expert_count):
             te = get(f"ffn_{name}.{e}.weight")
             if te is None:
-                raise ValueError(f"{prefix}ffn_{name}.{e}.weight is missing ({cfg.expert_count} experts)")
+                raise GGUFError(f"{prefix}ffn_{name}.{e}.weight is missing ({cfg.expert_count} experts)")
             parts.append(_host_experts(te, dense_dtype, leading_one=True))
         first = parts[0]
         if any((h.shape, h.qtype, h.data.dtype) != (first.shape, first.qtype, first.data.dtype) for h in parts):
-            raise ValueError(f"{prefix}ffn_{name}.*.weight: the experts differ in shape or format")
+            raise GGUFError(f"{prefix}ffn_{name}.*.weight: the experts differ in shape or format")
         buf = np.empty((len(parts),) + tuple(first.data.shape[1:]), first.data.dtype)
         for e, h in enumerate(parts):
             buf[e] = h.data[0]
@@ -355,29 +575,35 @@ def load_block_weights(
     dn = experts("down")
     E, D, F = dn.shape
     if E != cfg.expert_count:
-        raise ValueError(f"{dn.name}: {E} experts, but the file says expert_count = {cfg.expert_count}")
+        raise GGUFError(f"{dn.name}: {E} experts, but the file says expert_count = {cfg.expert_count}")
+    if cfg.embedding_length is not None and D != cfg.embedding_length:
+        raise GGUFError(f"{dn.name}: [E, D, F] has D = {D}, but the file says embedding_length = "
+                        f"{cfg.embedding_length}")
+    if cfg.expert_feed_forward_length is not None and F != cfg.expert_feed_forward_length:
+        raise GGUFError(f"{dn.name}: [E, D, F] has F = {F}, but the file says expert_feed_forward_length = "
+                        f"{cfg.expert_feed_forward_length}")
     gate_up = gate = up = None
     if get("ffn_gate_up_exps.weight") is not None:
         gate_up = _host_experts(get("ffn_gate_up_exps.weight"), dense_dtype)
         if gate_up.shape != (E, 2 * F, D):
-            raise ValueError(f"{gate_up.name}: expected [E, 2F, D] = {[E, 2 * F, D]}, got {list(gate_up.shape)}")
+            raise GGUFError(f"{gate_up.name}: expected [E, 2F, D] = {[E, 2 * F, D]}, got {list(gate_up.shape)}")
     else:
         gate, up = experts("gate"), experts("up")
         if gate is None or up is None:
-            raise ValueError(f"block {block}: needs {prefix}ffn_gate_up_exps.weight or both "
+            raise GGUFError(f"block {block}: needs {prefix}ffn_gate_up_exps.weight or both "
                              f"{prefix}ffn_gate_exps.weight and {prefix}ffn_up_exps.weight")
         for h in (gate, up):
             if h.shape != (E, F, D):
-                raise ValueError(f"{h.name}: expected [E, F, D] = {[E, F, D]}, got {list(h.shape)}")
+                raise GGUFError(f"{h.name}: expected [E, F, D] = {[E, F, D]}, got {list(h.shape)}")
         if fuse and (fused := _fuse(gate, up)) is not None:
             gate_up, gate, up = fused, None, None
 
     t_router = get("ffn_gate_inp.weight")
     if t_router is None:
-        raise ValueError(f"block {block}: router {prefix}ffn_gate_inp.weight not found")
+        raise GGUFError(f"block {block}: router {prefix}ffn_gate_inp.weight not found")
     router_w = _to_f32(t_router)
     if router_w.shape != (E, D):
-        raise ValueError(f"{t_router.name}: expected [E, D] = {[E, D]}, got {list(router_w.shape)}")
+        raise GGUFError(f"{t_router.name}: expected [E, D] = {[E, D]}, got {list(router_w.shape)}")
 
     def vec(name: str, n: int) -> Any:
         t = get(name)
@@ -385,7 +611,7 @@ def load_block_weights(
             return None
         v = _to_f32(t).reshape(-1)
         if v.shape != (n,):
-            raise ValueError(f"{t.name}: expected {n} values, got shape {list(_shape(t))}")
+            raise GGUFError(f"{t.name}: expected {n} values, got shape {list(_shape(t))}")
         return jnp.asarray(v)
 
     shared: dict[str, Any] = {}
@@ -393,16 +619,16 @@ def load_block_weights(
         sd = _host_experts(get("ffn_down_shexp.weight"), dense_dtype, leading_one=True)
         tsg, tsu = get("ffn_gate_shexp.weight"), get("ffn_up_shexp.weight")
         if tsg is None or tsu is None:
-            raise ValueError(f"block {block}: a shared expert needs {prefix}ffn_gate_shexp.weight and "
+            raise GGUFError(f"block {block}: a shared expert needs {prefix}ffn_gate_shexp.weight and "
                              f"{prefix}ffn_up_shexp.weight")
         sg = _host_experts(tsg, dense_dtype, leading_one=True)
         su = _host_experts(tsu, dense_dtype, leading_one=True)
         Fs = sd.shape[2]
         for h in (sg, su):
             if h.shape != (1, Fs, D):
-                raise ValueError(f"{h.name}: expected [Fs, D] = {[Fs, D]}, got {list(h.shape[1:])}")
+                raise GGUFError(f"{h.name}: expected [Fs, D] = {[Fs, D]}, got {list(h.shape[1:])}")
         if sd.shape[1] != D:
-            raise ValueError(f"{sd.name}: expected [D, Fs] with D = {D}, got {list(sd.shape[1:])}")
+            raise GGUFError(f"{sd.name}: expected [D, Fs] with D = {D}, got {list(sd.shape[1:])}")
         sgu = _fuse(sg, su) if fuse else None
         if sgu is not None:
             shared["shared_gate_up"] = _device(sgu, owned=True)

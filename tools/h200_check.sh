@@ -30,6 +30,10 @@ if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
   summary+=("gpu tests: $(tail -1 "$OUT/gpu_tests.log")")
   python3 -m pytest -q test_codecs.py test_moe_matmul.py -p no:cacheprovider 2>&1 | tee "$OUT/cpu_tests.log" | tail -3
   summary+=("cpu tests (jax on the device): $(tail -1 "$OUT/cpu_tests.log")")
+  if [ -f test_gpu_properties.py ]; then
+    python3 -m pytest -q -m gpu test_gpu_properties.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_props.log" | tail -15
+    summary+=("gpu properties and long runs: $(tail -1 "$OUT/gpu_props.log")")
+  fi
 fi
 if [ "$MODE" = sanitize ] || [ "$MODE" = all ]; then
   for tool in memcheck racecheck synccheck; do

@@ -89,7 +89,9 @@ NB_MODULE(_jax_moe_cpu, m) {
     return d;
   });
   m.def("quantize", &quantize, nb::arg("x"), nb::arg("qtype"));
-  m.def("dequantize", &dequantize, nb::arg("data"), nb::arg("qtype"));
+  // The block bytes are taken as given: no implicit conversion (a uint16 or float array would be
+  // converted value by value to uint8, decoding bytes that are not the caller's blocks).
+  m.def("dequantize", &dequantize, nb::arg("data").noconvert(), nb::arg("qtype"));
   m.def("block_elems", [](int t) { return block_elems(checked_type(t)); });
   m.def("block_bytes", [](int t) { return block_bytes(checked_type(t)); });
   m.def("ffi_api_version", []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });

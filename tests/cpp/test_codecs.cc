@@ -1,0 +1,421 @@
+// C++ tests of the host GGUF codecs (csrc/cpu/codec.cc, quantize.cc), SCALAR_GGUF's q8_1
+// staging and integer dot products (csrc/common/q8_1.h) and the CPU kernel (csrc/cpu/moe_cpu.cc),
+// built with -fsanitize=address,undefined when JAX_MOE_SANITIZE=ON (tests/cpp/CMakeLists.txt).
+//
+// Every buffer handed to the code under test is a std::vector of exactly the size its shape
+// implies, so AddressSanitizer reports any byte read or written outside it; UBSan reports
+// undefined float -> int conversions, shifts, overflows and divisions. Inputs include NaN, Inf,
+// FLT_MAX, subnormals, random bytes (NaN/Inf fp16 scales) and expert ids anywhere in int32.
+// Exit status: 0 when every check passed.
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../../csrc/common/fp16.h"
+#include "../../csrc/common/gguf_formats.h"
+#include "../../csrc/common/moe_problem.h"
+#include "../../csrc/common/q8_1.h"
+#include "../../csrc/cpu/codec.h"
+#include "../../csrc/cpu/moe_cpu.h"
+
+using namespace jax_moe;
+
+namespace {
+
+int g_checks = 0, g_failures = 0;
+
+#define CHECK(cond, ...)                                                           \
+  do {                                                                             \
+    ++g_checks;                                                                    \
+    if (!(cond)) {                                                                 \
+      ++g_failures;                                                                \
+      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                                           \
+      std::fprintf(stderr, "\n");                                                  \
+    }                                                                              \
+  } while (0)
+
+constexpr GGMLType kFormats[] = {GGMLType::Q8_0, GGMLType::Q2_K, GGMLType::Q3_K,
+                                 GGMLType::Q4_K, GGMLType::Q5_K, GGMLType::Q6_K};
+constexpr int32_t kI32Min = std::numeric_limits<int32_t>::min();
+constexpr int32_t kI32Max = std::numeric_limits<int32_t>::max();
+
+int64_t row_bytes(GGMLType t, int64_t k) { return k / block_elems(t) * block_bytes(t); }
+
+// Relative RMS error bounds of a round trip on N(0, 1) data (loose: a smoke test, not quality).
+double rms_bound(GGMLType t) {
+  switch (t) {
+    case GGMLType::Q8_0: return 0.01;
+    case GGMLType::Q6_K: return 0.03;
+    case GGMLType::Q5_K: return 0.06;
+    case GGMLType::Q4_K: return 0.12;
+    case GGMLType::Q3_K: return 0.25;
+    default: return 0.4;
+  }
+}
+
+template <class Fn>
+bool throws_invalid_argument(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::invalid_argument&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+  return false;
+}
+
+// -- codecs ---------------------------------------------------------------------------------
+
+void test_round_trip(std::mt19937_64& gen) {
+  std::normal_distribution<float> normal;
+  for (GGMLType t : kFormats) {
+    const int qk = block_elems(t);
+    for (int64_t rows : {0, 1, 3, 7}) {
+      for (int64_t nb : {0, 1, 2, 5}) {
+        const int64_t k = nb * qk;
+        std::vector<float> src(static_cast<size_t>(rows * k)), back(src.size());
+        for (float& v : src) v = normal(gen);
+        std::vector<uint8_t> q(static_cast<size_t>(rows * row_bytes(t, k)));
+        quantize_rows(t, src.data(), rows, k, q.data());
+        dequantize_rows(t, q.data(), rows, k, back.data());
+        double err = 0, ref = 0;
+        for (size_t i = 0; i < src.size(); ++i) {
+          err += (double(back[i]) - src[i]) * (double(back[i]) - src[i]);
+          ref += double(src[i]) * src[i];
+        }
+        if (!src.empty())
+          CHECK(std::sqrt(err / ref) <= rms_bound(t), "%s rows=%lld k=%lld rms=%g", type_name(t),
+                (long long)rows, (long long)k, std::sqrt(err / ref));
+      }
+    }
+  }
+}
+
+// NaN, Inf, FLT_MAX, subnormals, signed zeros: quantizing is defined (UBSan: no bad float->int
+// conversion) and the fp16 scales it writes are finite, so every decoded value is finite.
+void test_hostile_values(std::mt19937_64& gen) {
+  const float specials[] = {NAN, -NAN, INFINITY, -INFINITY, FLT_MAX, -FLT_MAX, FLT_MIN, -FLT_MIN,
+                            1e-45f, -1e-45f, 0.0f, -0.0f, 65504.0f, 65520.0f, 1e30f, -1e-30f};
+  std::uniform_int_distribution<int> pick(0, int(sizeof(specials) / sizeof(float)) - 1);
+  std::uniform_real_distribution<float> coin(0.0f, 1.0f);
+  std::normal_distribution<float> normal;
+  for (GGMLType t : kFormats) {
+    const int64_t rows = 16, k = 2 * QK_K;
+    for (float density : {0.01f, 0.3f, 1.0f}) {
+      std::vector<float> src(static_cast<size_t>(rows * k)), back(src.size());
+      for (float& v : src) v = coin(gen) < density ? specials[pick(gen)] : normal(gen) * 1e-3f;
+      std::vector<uint8_t> q(static_cast<size_t>(rows * row_bytes(t, k)));
+      quantize_rows(t, src.data(), rows, k, q.data());
+      dequantize_rows(t, q.data(), rows, k, back.data());
+      size_t nonfinite = 0;
+      for (float v : back) nonfinite += !std::isfinite(v);
+      CHECK(nonfinite == 0, "%s density=%g: %zu decoded values are not finite", type_name(t), density, nonfinite);
+    }
+    // A constant block of the largest finite value, and blocks of one value each.
+    for (float c : {FLT_MAX, -FLT_MAX, 65504.0f, 1e-45f, 0.0f}) {
+      std::vector<float> src(static_cast<size_t>(QK_K), c), back(src.size());
+      std::vector<uint8_t> q(static_cast<size_t>(row_bytes(t, QK_K)));
+      quantize_rows(t, src.data(), 1, QK_K, q.data());
+      dequantize_rows(t, q.data(), 1, QK_K, back.data());
+      for (float v : back) CHECK(std::isfinite(v), "%s constant %g decodes to %g", type_name(t), c, v);
+    }
+  }
+}
+
+// Random bytes (any fp16 scale: NaN, Inf, subnormal) decode without any sanitizer report; blocks
+// whose scale fields are finite decode to finite values.
+void test_random_bytes(std::mt19937_64& gen) {
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (GGMLType t : kFormats) {
+    const int64_t rows = 5, nb = 3, k = nb * block_elems(t);
+    std::vector<uint8_t> q(static_cast<size_t>(rows * row_bytes(t, k)));
+    for (auto& b : q) b = static_cast<uint8_t>(byte(gen));
+    std::vector<float> out(static_cast<size_t>(rows * k));
+    dequantize_rows(t, q.data(), rows, k, out.data());
+    CHECK(out.size() == size_t(rows * k), "size");
+  }
+}
+
+// Every size the codecs are given is checked: an unsupported type, a K that is not a block
+// multiple, negative or overflowing counts are std::invalid_argument, and nothing is written.
+void test_bad_arguments() {
+  std::vector<float> f(64, 1.0f);
+  std::vector<uint8_t> q(64, 0xAB);
+  const GGMLType bad_types[] = {GGMLType::F32, GGMLType::F16, GGMLType::BF16, static_cast<GGMLType>(2),
+                                static_cast<GGMLType>(7), static_cast<GGMLType>(-1),
+                                static_cast<GGMLType>(999)};
+  for (GGMLType t : bad_types) {
+    CHECK(throws_invalid_argument([&] { quantize_rows(t, f.data(), 1, 32, q.data()); }),
+          "quantize_rows accepted type %d", int(t));
+    CHECK(throws_invalid_argument([&] { dequantize_rows(t, q.data(), 1, 32, f.data()); }),
+          "dequantize_rows accepted type %d", int(t));
+  }
+  for (GGMLType t : kFormats) {
+    const int64_t qk = block_elems(t);
+    for (int64_t k : {int64_t{1}, qk - 1, qk + 1, qk * 3 + 7, int64_t{-1} * qk}) {
+      CHECK(throws_invalid_argument([&] { quantize_rows(t, f.data(), 1, k, q.data()); }),
+            "quantize_rows %s accepted k=%lld", type_name(t), (long long)k);
+      CHECK(throws_invalid_argument([&] { dequantize_rows(t, q.data(), 1, k, f.data()); }),
+            "dequantize_rows %s accepted k=%lld", type_name(t), (long long)k);
+    }
+    CHECK(throws_invalid_argument([&] { quantize_rows(t, f.data(), -1, qk, q.data()); }), "rows=-1");
+    CHECK(throws_invalid_argument([&] { dequantize_rows(t, q.data(), -1, qk, f.data()); }), "rows=-1");
+    const int64_t huge = int64_t{1} << 40;
+    CHECK(throws_invalid_argument([&] { quantize_rows(t, f.data(), huge, huge / qk * qk, q.data()); }),
+          "rows * k overflow");
+    CHECK(throws_invalid_argument([&] { dequantize_rows(t, q.data(), huge, huge / qk * qk, f.data()); }),
+          "rows * k overflow");
+    CHECK(throws_invalid_argument([&] { quantize_rows(t, nullptr, 1, qk, q.data()); }), "null src");
+    CHECK(throws_invalid_argument([&] { dequantize_rows(t, q.data(), 1, qk, nullptr); }), "null dst");
+    // Empty work needs no buffers.
+    quantize_rows(t, nullptr, 0, qk, nullptr);
+    dequantize_rows(t, nullptr, 3, 0, nullptr);
+  }
+  for (uint8_t b : q) CHECK(b == 0xAB, "a rejected call wrote to its output");
+}
+
+// -- SCALAR_GGUF staging and integer dot products --------------------------------------------
+
+void test_q8_1(std::mt19937_64& gen) {
+  std::normal_distribution<float> normal;
+  const float specials[] = {NAN, INFINITY, -INFINITY, FLT_MAX, -FLT_MAX, 1e-45f, 1.5e-36f, 0.0f};
+  for (float s : specials) {
+    for (int where : {0, 17, 31}) {
+      float x[QK8_1];
+      for (float& v : x) v = normal(gen) * (std::isfinite(s) && std::fabs(s) < 1e-30f ? 1e-40f : 1.0f);
+      x[where] = s;
+      block_q8_1 b;
+      stage_q8_1([&](int i) { return x[i]; }, b);
+      const bool finite = std::isfinite(s);
+      if (!finite) {
+        CHECK(std::isnan(b.d) && b.sum == 0, "non-finite %g: d=%g sum=%d", s, b.d, b.sum);
+      } else if (b.d > 0.0f && std::isfinite(b.d)) {
+        int32_t sum = 0;
+        for (int i = 0; i < QK8_1; ++i) {
+          sum += b.qs[i];
+          CHECK(std::fabs(x[i] / b.d - b.qs[i]) <= 0.5f + 1e-3f * std::fabs(x[i] / b.d),
+                "special %g: q[%d]=%d for x/d=%g", s, i, b.qs[i], x[i] / b.d);
+        }
+        CHECK(sum == b.sum, "sum");
+      }
+    }
+  }
+  // Integer dot products against decoding: decode(w) . (d * q) in double.
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (GGMLType t : kFormats) {
+    dispatch_format(t, [&](auto fmt) {
+      using F = decltype(fmt);
+      for (int trial = 0; trial < 20; ++trial) {
+        typename F::Block w;
+        auto* raw = reinterpret_cast<uint8_t*>(&w);
+        for (size_t i = 0; i < sizeof w; ++i) raw[i] = static_cast<uint8_t>(byte(gen));
+        float dec[F::QK];
+        decode_block<F>(w, dec);
+        block_q8_1 xs[F::QK / QK8_1];
+        float x[F::QK];
+        for (float& v : x) v = normal(gen);
+        if (trial % 5 == 4) x[trial % F::QK] = NAN;
+        for (int b = 0; b < F::QK / QK8_1; ++b) stage_q8_1([&](int i) { return x[b * QK8_1 + i]; }, xs[b]);
+        const float got = dot_block_q8_1<F>(w, xs);
+        double ref = 0, mag = 0;
+        for (int i = 0; i < F::QK; ++i) {
+          const double xv = double(xs[i / QK8_1].d) * xs[i / QK8_1].qs[i % QK8_1];
+          ref += double(dec[i]) * xv;
+          mag += std::fabs(double(dec[i]) * xv);
+        }
+        if (std::isnan(ref) || trial % 5 == 4) {
+          CHECK(std::isnan(got) || !std::isfinite(ref), "%s: NaN was masked (got %g)", type_name(t), got);
+        } else if (std::isfinite(ref) && std::isfinite(mag)) {
+          CHECK(std::fabs(got - ref) <= 1e-4 * mag + 1e-30, "%s: dot %g vs %g (mag %g)", type_name(t), got, ref, mag);
+        }
+      }
+    });
+  }
+}
+
+// -- the CPU kernel --------------------------------------------------------------------------
+
+struct Case {
+  MoeKind kind;
+  GGMLType fmt;  // quantized format, or BF16/F16 for WMMA
+  bool reduce, per_pair;
+  DType x_dtype, out_dtype;
+  int64_t T, k, E, N, K;
+};
+
+void store(std::vector<uint16_t>& v, size_t i, DType t, float f) {
+  v[i] = t == DType::F16 ? float_to_half(f) : float_to_bf16(f);
+}
+
+// Run one case with exact-size buffers; check against a double reference and the id contract.
+void run_case(const Case& c, std::mt19937_64& gen) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int64_t> any_id(kI32Min, kI32Max);
+  const int64_t x_rows = c.per_pair ? c.T * c.k : c.T, pairs = c.T * c.k;
+  MoeProblem p;
+  p.kind = c.kind;
+  p.wtype = c.fmt;
+  p.layout = WeightLayout::ENK;
+  p.reduce = c.reduce;
+  p.x_per_pair = c.per_pair;
+  p.x_dtype = c.x_dtype;
+  p.score_dtype = DType::F32;
+  p.out_dtype = c.out_dtype;
+  p.T = c.T, p.k = c.k, p.K = c.K, p.N = c.N, p.E = c.E;
+
+  // x
+  std::vector<float> x32(static_cast<size_t>(x_rows * c.K));
+  for (float& v : x32) v = normal(gen);
+  std::vector<uint16_t> x16(c.x_dtype == DType::F32 ? 0 : x32.size());
+  for (size_t i = 0; i < x16.size(); ++i) {
+    store(x16, i, c.x_dtype, x32[i]);
+    x32[i] = load_as_float(x16.data(), int64_t(i), c.x_dtype);
+  }
+  // ids: valid, -1, E, INT32_MIN, INT32_MAX and anything else in int32
+  std::vector<int32_t> ids(static_cast<size_t>(pairs));
+  const int32_t hostile[] = {-1, int32_t(c.E), kI32Min, kI32Max, -int32_t(c.E)};
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const int r = int(gen() % 8);
+    ids[i] = r < 4 ? int32_t(gen() % uint64_t(c.E)) : r < 7 ? hostile[gen() % 5] : int32_t(any_id(gen));
+  }
+  std::vector<float> scores(static_cast<size_t>(pairs));
+  for (float& s : scores) s = normal(gen);
+  // w and its decoded f32 form [E, N, K]
+  std::vector<float> wf(static_cast<size_t>(c.E * c.N * c.K));
+  std::vector<uint16_t> w16;
+  std::vector<uint8_t> wq;
+  for (float& v : wf) v = normal(gen) / 8;
+  if (c.kind == MoeKind::WMMA) {
+    w16.resize(wf.size());
+    for (size_t i = 0; i < wf.size(); ++i) {
+      store(w16, i, c.x_dtype, wf[i]);
+      wf[i] = load_as_float(w16.data(), int64_t(i), c.x_dtype);
+    }
+  } else {
+    wq.resize(static_cast<size_t>(c.E * c.N * row_bytes(c.fmt, c.K)));
+    quantize_rows(c.fmt, wf.data(), c.E * c.N, c.K, wq.data());
+    dequantize_rows(c.fmt, wq.data(), c.E * c.N, c.K, wf.data());
+    if (c.kind == MoeKind::WMMA_GGUF)
+      for (float& v : wf) v = round_to(c.x_dtype, v);
+  }
+  // staged x for SCALAR_GGUF: d * q
+  std::vector<float> xr = x32;
+  if (c.kind == MoeKind::SCALAR_GGUF) {
+    for (int64_t b = 0; b < x_rows * c.K / QK8_1; ++b) {
+      block_q8_1 blk;
+      stage_q8_1([&](int i) { return x32[size_t(b * QK8_1 + i)]; }, blk);
+      for (int i = 0; i < QK8_1; ++i) xr[size_t(b * QK8_1 + i)] = blk.d * blk.qs[i];
+    }
+  }
+  const int64_t out_elems = c.reduce ? c.T * c.N : pairs * c.N;
+  std::vector<float> out32(c.out_dtype == DType::F32 ? size_t(out_elems) : 0);
+  std::vector<uint16_t> out16(c.out_dtype == DType::F32 ? 0 : size_t(out_elems));
+  MoeBuffers b;
+  b.x = c.x_dtype == DType::F32 ? static_cast<const void*>(x32.data()) : x16.data();
+  b.ids = ids.data();
+  b.w = c.kind == MoeKind::WMMA ? static_cast<const void*>(w16.data()) : wq.data();
+  b.scores = scores.data();
+  b.out = c.out_dtype == DType::F32 ? static_cast<void*>(out32.data()) : out16.data();
+  moe_forward_cpu(p, b);
+
+  auto out_at = [&](int64_t i) {
+    return c.out_dtype == DType::F32 ? out32[size_t(i)] : load_as_float(out16.data(), i, c.out_dtype);
+  };
+  const double rtol = c.out_dtype == DType::F32 ? 0 : c.out_dtype == DType::F16 ? 1e-3 : 8e-3;
+  for (int64_t t = 0; t < c.T; ++t) {
+    for (int64_t n = 0; n < c.N; ++n) {
+      double sum = 0, mag = 0;
+      for (int64_t j = 0; j < c.k; ++j) {
+        const int64_t q = t * c.k + j;
+        const int32_t e = ids[size_t(q)];
+        double v = 0, m = 0;
+        if (e >= 0 && e < c.E) {
+          const float* xrow = xr.data() + (c.per_pair ? q : t) * c.K;
+          const float* wrow = wf.data() + (e * c.N + n) * c.K;
+          for (int64_t kk = 0; kk < c.K; ++kk) {
+            v += double(wrow[kk]) * xrow[kk];
+            m += std::fabs(double(wrow[kk]) * xrow[kk]);
+          }
+          v *= scores[size_t(q)];
+          m *= std::fabs(scores[size_t(q)]);
+        }
+        if (!c.reduce) {
+          const float got = out_at(q * c.N + n);
+          if (!(e >= 0 && e < c.E))
+            CHECK(got == 0.0f, "pair with id %d is %g, not 0", e, got);
+          CHECK(std::fabs(got - v) <= rtol * std::fabs(v) + 1e-5 * m + 1e-30, "kind %d pair (%lld,%lld,%lld): %g vs %g",
+                int(c.kind), (long long)t, (long long)j, (long long)n, got, v);
+        }
+        sum += v;
+        mag += m;
+      }
+      if (c.reduce) {
+        const float got = out_at(t * c.N + n);
+        CHECK(std::fabs(got - sum) <= rtol * std::fabs(sum) + 1e-5 * mag + 1e-30,
+              "kind %d fmt %s token (%lld,%lld): %g vs %g", int(c.kind), type_name(c.fmt), (long long)t,
+              (long long)n, got, sum);
+      }
+    }
+  }
+}
+
+void test_moe_forward_cpu(std::mt19937_64& gen) {
+  const int64_t shapes[][5] = {  // T, k, E, N, K-blocks
+      {0, 2, 3, 5, 1}, {1, 1, 1, 1, 1}, {7, 3, 4, 17, 2}, {5, 4, 2, 33, 1}, {9, 2, 5, 16, 0},
+      {3, 5, 5, 0, 1}, {40, 2, 3, 3, 1}};
+  int cases = 0;
+  for (const auto& s : shapes) {
+    for (bool reduce : {true, false}) {
+      for (bool per_pair : {false, true}) {
+        const int64_t T = s[0], k = s[1], E = s[2], N = s[3], nb = s[4];
+        for (DType xd : {DType::F16, DType::BF16})
+          run_case({MoeKind::WMMA, xd == DType::F16 ? GGMLType::F16 : GGMLType::BF16, reduce, per_pair, xd,
+                    (cases++ % 2) ? DType::F32 : xd, T, k, E, N, nb * 24 + (nb ? 5 : 0)}, gen);
+        for (GGMLType f : kFormats) {
+          const int64_t K = nb * block_elems(f);
+          run_case({MoeKind::SCALAR_GGUF, f, reduce, per_pair, DType::F32, DType::F32, T, k, E, N, K}, gen);
+          run_case({MoeKind::WMMA_GGUF, f, reduce, per_pair, (cases % 2) ? DType::BF16 : DType::F16,
+                    (cases++ % 3) ? DType::F32 : DType::BF16, T, k, E, N, K}, gen);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937_64 gen(20250601);
+  const struct {
+    const char* name;
+    void (*fn)(std::mt19937_64&);
+  } tests[] = {
+      {"round_trip", test_round_trip},
+      {"hostile_values", test_hostile_values},
+      {"random_bytes", test_random_bytes},
+      {"bad_arguments", [](std::mt19937_64&) { test_bad_arguments(); }},
+      {"q8_1", test_q8_1},
+      {"moe_forward_cpu", test_moe_forward_cpu},
+  };
+  for (const auto& t : tests) {
+    const int before = g_failures;
+    try {
+      t.fn(gen);
+    } catch (const std::exception& e) {
+      ++g_failures;
+      std::fprintf(stderr, "%s: unexpected exception: %s\n", t.name, e.what());
+    }
+    std::printf("%-16s %s\n", t.name, g_failures == before ? "ok" : "FAILED");
+  }
+  std::printf("%d checks, %d failed\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
