@@ -247,20 +247,24 @@ FORMATS = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def plan(quick: bool):
-    """bf16 and Q4_K at every (model, projection, T); every format for gate+up at T = 1 and 4096
-    (and through SCALAR_GGUF at T = 1 for Mixtral), where the targets name them."""
+    """Rows as (model, proj, T, kind, fmt, with_peers). bf16 and Q4_K at every (model,
+    projection, T) with the peers; every format for gate+up at T = 1 and 4096 (and through
+    SCALAR_GGUF at T = 1 for Mixtral), where the targets name them, peers only for Q4_K."""
     rows = []
-    models = [("qwen3", "gate_up"), ("mixtral", "gate_up")] if quick else list(SHAPES)
-    Ts = (1, 64, 4096) if quick else (1, 8, 64, 512, 4096)
-    for model, proj in models:
+    if quick:
+        shapes = [("qwen3", "gate_up", (1, 64, 4096)), ("mixtral", "gate_up", (1, 64, 4096))]
+    else:
+        shapes = [("qwen3", "gate_up", (1, 8, 64, 512, 4096)), ("mixtral", "gate_up", (1, 8, 64, 512, 4096)),
+                  ("qwen3", "down", (1, 64, 4096)), ("mixtral", "down", (1, 64, 4096))]
+    for model, proj, Ts in shapes:
         for T in Ts:
-            rows.append((model, proj, T, MoeKind.WMMA, "bf16"))
+            rows.append((model, proj, T, MoeKind.WMMA, "bf16", True))
             every = not quick and proj == "gate_up" and T in (1, 4096)
             for fmt in (FORMATS if every else ["Q4_K"]):
-                rows.append((model, proj, T, MoeKind.WMMA_GGUF, fmt))
+                rows.append((model, proj, T, MoeKind.WMMA_GGUF, fmt, fmt == "Q4_K"))
             if T == 1 and model == "mixtral" and proj == "gate_up":
                 for fmt in (["Q4_K"] if quick else FORMATS):
-                    rows.append((model, proj, T, MoeKind.SCALAR_GGUF, fmt))
+                    rows.append((model, proj, T, MoeKind.SCALAR_GGUF, fmt, False))
     return rows
 
 
@@ -280,23 +284,29 @@ def main() -> None:
     rng = np.random.default_rng()
     key = jax.random.PRNGKey(int(rng.integers(1 << 31)))
     rows = []
+    os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
+
+    def write(rows):
+        with open(opts.out, "w") as f:
+            json.dump(dict(device=dev.device_kind, jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                           build=jax_moe.build_info(), rows=rows), f, indent=1)
+
     print(HEADER, flush=True)
-    for i, (model, proj, T, kind, fmt) in enumerate(plan(opts.quick)):
+    for i, (model, proj, T, kind, fmt, with_peers) in enumerate(plan(opts.quick)):
         tag = f"{model}/{proj}/{T}/{kind.name}/{fmt}"
         if opts.only and not any(s in tag for s in opts.only.split(",")):
             continue
         try:
-            r = bench_row(rng, jax.random.fold_in(key, i), model, proj, T, kind, fmt, opts)
+            row_opts = argparse.Namespace(**{**vars(opts), "peers": opts.peers and with_peers})
+            r = bench_row(rng, jax.random.fold_in(key, i), model, proj, T, kind, fmt, row_opts)
         except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
             print(f"{tag}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append(dict(model=model, proj=proj, T=T, kind=kind.name, fmt=fmt, error=str(e)[:500]))
+            write(rows)
             continue
         rows.append(r)
         print(fmt_row(r), flush=True)
-    os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
-    with open(opts.out, "w") as f:
-        json.dump(dict(device=dev.device_kind, jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                       build=jax_moe.build_info(), rows=rows), f, indent=1)
+        write(rows)  # after every row: a run cut short keeps what it measured
     print(f"wrote {opts.out}")
 
 
