@@ -31,7 +31,7 @@ from flax.core import meta, unfreeze
 
 from . import quantized as _quantized
 from .ffn import ACTIVATIONS, MoEWeights
-from .kinds import GGMLType, as_qtype, block_size, row_bytes
+from .kinds import GGMLType, as_qtype, row_bytes
 from .routing import RouterConfig
 
 __all__ = ["MoE", "QUANTIZED", "BUFFERS"]
@@ -186,15 +186,7 @@ class MoE(nn.Module):
             if name not in params:
                 continue
             t = dqt if name in _DOWN else qt
-            a = np.asarray(jnp.asarray(meta.unbox(params[name])).astype(jnp.float32))
-            if a.ndim == 2:
-                a = a[None]
-            if self.weight_layout == "ekn":
-                a = np.swapaxes(a, 1, 2)
-            if a.shape[2] % block_size(t):
-                raise ValueError(
-                    f"MoE.quantize: cannot store {name!r} as {t.name}: its contracting dimension "
-                    f"K = {a.shape[2]} is not a multiple of the {t.name} block size {block_size(t)}")
+            a = _quantized.experts_enk(jnp.asarray(meta.unbox(params[name])).astype(jnp.float32), self.weight_layout, name, t)
             todo.append((name, a, t))
         for name, a, t in todo:
             q = _quantized.quantize(a, t)

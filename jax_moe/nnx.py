@@ -32,7 +32,7 @@ from flax import nnx
 
 from . import quantized as _quantized
 from .ffn import ACTIVATIONS, MoEWeights
-from .kinds import GGMLType, as_qtype, block_size
+from .kinds import GGMLType, as_qtype
 from .routing import RouterConfig
 
 __all__ = ["MoE", "QuantizedWeight", "RoutingBias"]
@@ -237,15 +237,7 @@ class MoE(nnx.Module):
             var = getattr(self, name)
             if not isinstance(var, nnx.Param):
                 continue
-            a = np.asarray(jnp.asarray(var[...]).astype(jnp.float32))
-            if a.ndim == 2:
-                a = a[None]
-            if self.weight_layout == "ekn":
-                a = np.swapaxes(a, 1, 2)
-            if a.shape[2] % block_size(t):
-                raise ValueError(
-                    f"MoE.quantize: cannot store {name!r} as {t.name}: its contracting dimension "
-                    f"K = {a.shape[2]} is not a multiple of the {t.name} block size {block_size(t)}")
+            a = _quantized.experts_enk(jnp.asarray(var[...]).astype(jnp.float32), self.weight_layout, name, t)
             todo.append((name, a, t))
         for name, a, t in todo:  # all checked before anything changes
             setattr(self, name, _quantized_variable(_quantized.quantize(a, t)))

@@ -86,6 +86,25 @@ class QuantizedExperts:
         return f"QuantizedExperts(qtype={self.qtype.name}, shape={self.shape})"
 
 
+def experts_enk(array: Any, weight_layout: str, name: str, qtype: GGMLType) -> np.ndarray:
+    """A module's expert parameter as float32 ``[E, N, K]`` ready for ``quantize``.
+
+    ``array`` is ``[E, N, K]`` (``weight_layout="enk"``) or ``[E, K, N]`` (``"ekn"``), or the
+    2-D shared expert (one expert). Raises ValueError naming ``name`` when K is not a multiple
+    of ``qtype``'s block size.
+    """
+    a = np.asarray(np.asarray(array).astype(np.float32))
+    if a.ndim == 2:
+        a = a[None]
+    if weight_layout == "ekn":
+        a = np.swapaxes(a, 1, 2)
+    if a.shape[2] % block_size(qtype):
+        raise ValueError(
+            f"MoE.quantize: cannot store {name!r} as {qtype.name}: its contracting dimension "
+            f"K = {a.shape[2]} is not a multiple of the {qtype.name} block size {block_size(qtype)}")
+    return a
+
+
 def quantize(array: Any, qtype: GGMLType | int | str) -> QuantizedExperts:
     """Quantize expert weights ``[E, N, K]`` (any float dtype, numpy or jax) on the host.
 

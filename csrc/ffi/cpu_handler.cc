@@ -16,12 +16,7 @@ static ffi::Error MoeMatmulCpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::An
   if (ffi::Error err = describe_problem(x, ids, w, scores, *out, kind, wtype, layout, reduce, p);
       err.failure())
     return err;
-  MoeBuffers b;
-  b.x = x.untyped_data();
-  b.ids = static_cast<const int32_t*>(ids.untyped_data());
-  b.w = w.untyped_data();
-  b.scores = scores.untyped_data();
-  b.out = out->untyped_data();
+  const MoeBuffers b = buffers_of(x, ids, w, scores, *out);
   try {
     moe_forward_cpu(p, b);
   } catch (const std::exception& e) {

@@ -27,12 +27,7 @@ static ffi::Error MoeMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major < 8)
       return invalid("bfloat16 tensor-core kinds need a GPU of compute capability 8.0 or newer");
   }
-  MoeBuffers b;
-  b.x = x.untyped_data();
-  b.ids = static_cast<const int32_t*>(ids.untyped_data());
-  b.w = w.untyped_data();
-  b.scores = scores.untyped_data();
-  b.out = out->untyped_data();
+  const MoeBuffers b = buffers_of(x, ids, w, scores, *out);
   const std::string err = moe_forward_cuda(p, b, static_cast<uint8_t*>(scratch->untyped_data()),
                                            scratch->size_bytes(), stream);
   if (err.rfind("scratch buffer", 0) == 0) return invalid(err);

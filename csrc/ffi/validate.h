@@ -141,4 +141,16 @@ inline ffi::Error describe_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
+// The raw pointers of one validated call.
+inline MoeBuffers buffers_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, const ffi::AnyBuffer& w,
+                             const ffi::AnyBuffer& scores, ffi::AnyBuffer& out) {
+  MoeBuffers b;
+  b.x = x.untyped_data();
+  b.ids = static_cast<const int32_t*>(ids.untyped_data());
+  b.w = w.untyped_data();
+  b.scores = scores.untyped_data();
+  b.out = out.untyped_data();
+  return b;
+}
+
 }  // namespace jax_moe
