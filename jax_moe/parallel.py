@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .ffn import GateUp, MoEWeights, SharedExpert, Weight, moe_ffn, router_logits
+from .partitioning import local_expert_ids
 from .quantized import QuantizedExperts
 
 __all__ = ["ExpertParallel", "expert_parallel_ffn"]
@@ -245,8 +246,7 @@ class ExpertParallel:
                                   for a in (x, ids, scores))
             gate_up, down = _localize(gate_up), _localize(down)
             e_local = _num_experts(jax.tree_util.tree_leaves(down, is_leaf=_is_leaf)[0])
-            local = ids.astype(jnp.int32) - jax.lax.axis_index(ea).astype(jnp.int32) * e_local
-            local = jnp.where((local >= 0) & (local < e_local), local, jnp.int32(-1))
+            local = local_expert_ids(ids, ea, e_local)
             y = moe_ffn(x, local, scores, gate_up, down, activation=activation,
                         weight_layout=weight_layout, out_dtype=jnp.float32)
             if gather:

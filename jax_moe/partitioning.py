@@ -264,16 +264,21 @@ def plan_partition(
     return Plan(t, j, e, n, c, psum, scatter_t, scatter_n, compute)
 
 
+def local_expert_ids(ids: jax.Array, axes, e_local: int) -> jax.Array:
+    """Global expert ids -> ids of this device's ``e_local`` experts along mesh ``axes`` (inside
+    a mapped computation); ids of other devices' experts (and invalid ids) become -1, which
+    contributes zero. int32 ``[..., k]`` in and out."""
+    shifted = ids.astype(jnp.int32) - jax.lax.axis_index(axes).astype(jnp.int32) * e_local
+    return jnp.where((shifted >= 0) & (shifted < e_local), shifted, jnp.int32(-1))
+
+
 # -- the partitioning callbacks ------------------------------------------------------------------
 def _local_fn(params: Params, plan: Plan) -> Callable:
     """The per-device computation of a plan (traced with the mesh axes bound)."""
 
     def local(x, ids, w, scores):
         if plan.e:
-            e_local = w.shape[params.w_dims()["e"]]
-            offset = jax.lax.axis_index(plan.e) * e_local
-            shifted = ids - offset.astype(ids.dtype)
-            ids = jnp.where((shifted >= 0) & (shifted < e_local), shifted, jnp.int32(-1))
+            ids = local_expert_ids(ids, plan.e, w.shape[params.w_dims()["e"]])
         y = moe_matmul_p.bind(x, ids, w, scores, kind=params.kind, wtype=params.wtype,
                               layout=params.layout, reduce=params.reduce,
                               out_dtype=plan.compute_dtype)
