@@ -30,7 +30,8 @@ def build_info() -> dict:
     """What this installation was built with.
 
     Returns a dict with ``cuda`` (bool: the CUDA module is built), ``cuda_architectures``
-    (list of SM versions such as ``[80, 90]``), ``cuda_runtime_version`` (int or None),
+    (list of SM versions such as ``[80, 90]``), ``cuda_sm90a`` (bool: the build has
+    Hopper's wgmma GEMM, used on compute capability 9.0 devices), ``cuda_runtime_version`` (int or None),
     ``ffi_api_version`` ((major, minor) of the XLA FFI headers built against) and ``kinds``
     ({platform: [kind names]} for the platforms this build can run).
     """
@@ -38,12 +39,14 @@ def build_info() -> dict:
     info = {
         "cuda": cuda is not None,
         "cuda_architectures": [],
+        "cuda_sm90a": False,
         "cuda_runtime_version": None,
         "ffi_api_version": tuple(cpu.ffi_api_version()),
         "kinds": {"cpu": list(kinds)},
     }
     if cuda is not None:
         info["cuda_architectures"] = [int(a) for a in cuda.architectures()]
+        info["cuda_sm90a"] = bool(cuda.has_sm90a())
         info["cuda_runtime_version"] = int(cuda.runtime_version())
         info["kinds"]["cuda"] = list(cuda.kinds())
     return info

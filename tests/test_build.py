@@ -22,7 +22,10 @@ def test_build_info_describes_the_build():
         assert info["cuda_architectures"] and all(a >= 70 for a in info["cuda_architectures"])
         assert info["kinds"]["cuda"] == ["SCALAR_GGUF", "WMMA", "WMMA_GGUF"]
         assert info["cuda_runtime_version"] >= 11000
+        assert isinstance(info["cuda_sm90a"], bool)
+        assert not info["cuda_sm90a"] or 90 in info["cuda_architectures"]
     else:
+        assert info["cuda_sm90a"] is False
         assert "cuda" not in info["kinds"]
 
 

@@ -85,6 +85,19 @@ def test_large_tile_and_decode_first_gpu(rng, T, kind, fmt, layout, dtype, reduc
     check(gpu_run(case, reduce=reduce, weight_layout=layout), case)
 
 
+# Many K steps (more than the GEMM's pipeline depth, with a partial last step), several N tiles
+# with a partial last one, and experts with several M tiles: on Hopper this is the wgmma GEMM's
+# narrow tile (T=40: 5 pairs per expert) and wide tile (T=300: 300 pairs per expert, 3 M tiles).
+@pytest.mark.parametrize("T,E", [(40, 16), (300, 2)])
+@pytest.mark.parametrize("dtype,out_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"),
+                                             ("bfloat16", "float32")])
+@pytest.mark.parametrize("reduce", REDUCE)
+def test_many_k_steps_and_n_tiles_gpu(rng, T, E, dtype, out_dtype, reduce):
+    case = make_case(rng, kind=MoeKind.WMMA, dtype=dtype, reduce=reduce, T=T, k=2, E=E, N=600, K=1096,
+                     out_dtype=out_dtype)
+    check(gpu_run(case, reduce=reduce), case)
+
+
 @pytest.mark.parametrize("fmt,reduce,x_rank", list(itertools.product(FORMATS, REDUCE, RANKS)))
 def test_scalar_gguf_gpu(rng, fmt, reduce, x_rank):
     case = make_case(rng, kind=MoeKind.SCALAR_GGUF, fmt=fmt, reduce=reduce, x_rank=x_rank, T=13, k=2, E=4, N=40)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the lent H200 (device tool): build for sm_90, run the GPU suite and the CPU suite, then the
+# On the lent H200 (device tool): build for sm_90a, run the GPU suite and the CPU suite, then the
 # GPU suite (or a subset) under compute-sanitizer. Logs go to $OUT; a short summary prints last.
 #   bash tools/h200_check.sh [tests|sanitize|all] [pytest -k expression for the sanitizer runs]
 #   bash tools/h200_check.sh bench "[bench_moe.py arguments]"
@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 if ! python3 -c "import jax_moe._jax_moe_cuda" 2>/dev/null; then
   start=$(date +%s)
   python3 -m pip install --no-build-isolation --no-deps -e . -Cbuild-dir=build/h200 \
-    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 -Ccmake.define.JAX_MOE_CUDA=ON > "$OUT/build.log" 2>&1 \
+    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a -Ccmake.define.JAX_MOE_CUDA=ON > "$OUT/build.log" 2>&1 \
     || { tail -60 "$OUT/build.log"; exit 1; }
   echo "build: $(( $(date +%s) - start )) s"
 fi
@@ -44,9 +44,9 @@ if [ "$MODE" = sanitize ] || [ "$MODE" = all ]; then
 fi
 if [ "$MODE" = profile ]; then
   cd ..
-  ncu --clock-control none --print-summary per-kernel --kernel-name regex:"token_gemv|grouped_wmma|stage|histogram|scan|scatter|reduce|zero" \
+  ncu --clock-control none --print-summary per-kernel --kernel-name regex:"token_gemv|grouped_wmma|grouped_wgmma|decode_experts|stage|histogram|scan|scatter|reduce|zero" \
     python3 tools/profile_small.py > "$OUT/ncu.log" 2>&1
-  grep -E "token_gemv|grouped_wmma|Duration|done" "$OUT/ncu.log" | head -80
+  grep -E "token_gemv|grouped_w|decode_experts|Duration|done" "$OUT/ncu.log" | head -80
   exit 0
 fi
 if [ "$MODE" = bench ]; then

@@ -15,6 +15,7 @@
 
 #include "../common/gguf_formats.h"
 #include "common.cuh"
+#include "grouped_gemm.cuh"
 #include "kernels.h"
 
 namespace jax_moe {
@@ -40,32 +41,6 @@ using SkinnyTile = Tile<32, 256, 1>;
 
 // Pairs per expert below which the skinny tile is used.
 constexpr int64_t kSkinnyPairsPerExpert = 64;
-
-struct GemmArgs {
-  const void* x;
-  const void* w;
-  const void* scores;
-  void* out;          // final output (no reduce) or nullptr
-  float* partial;     // per-pair f32 results (reduce) or nullptr
-  const int32_t* offsets;
-  const int32_t* tile_start;
-  const int32_t* perm;
-  int64_t T, k, N, K, E, row_bytes;
-  DType score_dtype, out_dtype;
-  bool x_per_pair;
-  bool vec;  // x (and dense ENK w) allow 16-byte loads: aligned bases and K % 8 == 0
-};
-
-// 8 consecutive K elements packed as a 16-byte vector of the activation dtype.
-union Piece {
-  uint4 v;
-  uint16_t h[8];
-};
-
-template <DType D>
-__device__ __forceinline__ uint16_t to_bits(float f) {
-  return D == DType::BF16 ? float_to_bf16(f) : float_to_half(f);
-}
 
 // Weight loaders: piece (n, k0 .. k0+7) of expert e, zero outside [0, N) x [0, K).
 struct DenseENK {
@@ -116,21 +91,6 @@ struct Gguf {
     return p;
   }
 };
-
-// Which expert and which of its tiles block m works on; false when m is past the last tile.
-template <int BM>
-__device__ bool find_tile(const GemmArgs& a, int64_t m, int64_t& e, int64_t& row0, int64_t& rows) {
-  if (m >= a.tile_start[a.E]) return false;
-  int64_t lo = 0, hi = a.E;  // tile_start[lo] <= m < tile_start[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (a.tile_start[mid] <= m) lo = mid; else hi = mid;
-  }
-  e = lo;
-  row0 = a.offsets[e] + (m - a.tile_start[e]) * BM;
-  rows = min(int64_t{BM}, a.offsets[e + 1] - row0);
-  return true;
-}
 
 template <DType D>
 __device__ __forceinline__ Piece load_x(const GemmArgs& a, int64_t xrow, int64_t k0) {
@@ -290,37 +250,47 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, bool decoded, cu
   return err;
 }
 
+// At large T, decode the GGUF experts once into scratch (x's dtype) and point the GEMM at them.
 template <DType D>
-std::string launch_for_dtype(const MoeProblem& p, GemmArgs a, uint8_t* scratch, const ScratchLayout& s,
-                             cudaStream_t stream) {
-  const bool decoded = gguf_decode_first(p.kind, p.T, p.k, p.E);
-  if (decoded) {
-    auto* out = reinterpret_cast<uint16_t*>(scratch + s.decoded);
-    const int64_t pieces = p.E * p.N * (p.K / 8);
-    if (pieces > 0) {
-      const unsigned grid = static_cast<unsigned>(std::min<int64_t>((pieces + 255) / 256, 1 << 20));
-      std::string err;
-      dispatch_format(p.wtype, [&](auto fmt) {
-        decode_experts_kernel<decltype(fmt), D><<<grid, 256, 0, stream>>>(
-            static_cast<const uint8_t*>(a.w), p.E * p.N, p.K, p.row_bytes(), out);
-        err = launch_error("decode_experts_kernel");
-      });
-      if (!err.empty()) return err;
-    }
-    a.w = out;
-    a.vec = a.vec && p.K % 8 == 0;  // the scratch region is 256-byte aligned
+std::string decode_experts(const MoeProblem& p, GemmArgs& a, uint8_t* scratch, const ScratchLayout& s,
+                           cudaStream_t stream) {
+  auto* out = reinterpret_cast<uint16_t*>(scratch + s.decoded);
+  const int64_t pieces = p.E * p.N * (p.K / 8);
+  std::string err;
+  if (pieces > 0) {
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((pieces + 255) / 256, 1 << 20));
+    dispatch_format(p.wtype, [&](auto fmt) {
+      decode_experts_kernel<decltype(fmt), D><<<grid, 256, 0, stream>>>(
+          static_cast<const uint8_t*>(a.w), p.E * p.N, p.K, p.row_bytes(), out);
+      err = launch_error("decode_experts_kernel");
+    });
   }
-  const bool skinny = p.pairs() < kSkinnyPairsPerExpert * std::max<int64_t>(p.E, 1);
-  return skinny ? launch_tile<D, SkinnyTile>(p, a, decoded, stream)
-                : launch_tile<D, LargeTile>(p, a, decoded, stream);
+  a.w = out;
+  a.vec = a.vec && p.K % 8 == 0;  // the scratch region is 256-byte aligned
+  return err;
+}
+
+bool skinny(const MoeProblem& p) { return p.pairs() < kSkinnyPairsPerExpert * std::max<int64_t>(p.E, 1); }
+
+template <DType D>
+std::string launch_for_dtype(const MoeProblem& p, GemmArgs a, bool hopper, uint8_t* scratch,
+                             const ScratchLayout& s, cudaStream_t stream) {
+  const bool decoded = gguf_decode_first(p.kind, p.T, p.k, p.E);
+  if (decoded)
+    if (auto err = decode_experts<D>(p, a, scratch, s, stream); !err.empty()) return err;
+  if (hopper) return launch_wgmma(p, a, stream);
+  return skinny(p) ? launch_tile<D, SkinnyTile>(p, a, decoded, stream)
+                   : launch_tile<D, LargeTile>(p, a, decoded, stream);
 }
 
 }  // namespace
 
 std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
                         const ScratchLayout& s, cudaStream_t stream) {
-  const bool skinny = p.pairs() < kSkinnyPairsPerExpert * std::max<int64_t>(p.E, 1);
-  const int tile_m = skinny ? SkinnyTile::BM : LargeTile::BM;
+  const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
+                   (p.kind != MoeKind::WMMA || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);
+  const bool hopper = wgmma_usable(p, vec);
+  const int tile_m = hopper ? wgmma_tile_m(p) : skinny(p) ? SkinnyTile::BM : LargeTile::BM;
   if (auto e = group_pairs_by_expert(p, b.ids, scratch, s, tile_m, stream); !e.empty()) return e;
   if (p.pairs() == 0 || p.N == 0) return {};
   GemmArgs a{};
@@ -337,10 +307,11 @@ std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scrat
   a.score_dtype = p.score_dtype;
   a.out_dtype = p.out_dtype;
   a.x_per_pair = p.x_per_pair;
-  a.vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
-          (p.kind != MoeKind::WMMA || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);
-  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, scratch, s, stream)
-                                 : launch_for_dtype<DType::BF16>(p, a, scratch, s, stream);
+  a.vec = vec;
+  a.pack_out = (p.out_dtype == DType::BF16 || p.out_dtype == DType::F16) && p.N % 2 == 0 &&
+               reinterpret_cast<uintptr_t>(b.out) % 4 == 0;
+  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, hopper, scratch, s, stream)
+                                 : launch_for_dtype<DType::BF16>(p, a, hopper, scratch, s, stream);
 }
 
 }  // namespace jax_moe

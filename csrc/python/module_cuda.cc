@@ -39,6 +39,8 @@ NB_MODULE(_jax_moe_cuda, m) {
       if (!item.empty()) archs.push_back(std::stoi(item));
     return archs;
   });
+  // Built with sm_90a code (Hopper's wgmma GEMM), used on compute capability 9.0 devices.
+  m.def("has_sm90a", []() { return std::string(JAX_MOE_CUDA_ARCHS).find("90a") != std::string::npos; });
   m.def("runtime_version", []() {
     int v = 0;
     cudaRuntimeGetVersion(&v);

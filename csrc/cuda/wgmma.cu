@@ -1,0 +1,196 @@
+// WMMA and WMMA_GGUF (decoded experts) on Hopper: the grouped GEMM on wgmma (sm_90a).
+//
+// Same contract as wmma.cu (products of x and w as stored, f32 accumulation, one rounding); the
+// kind names the numerics, not the instruction. Block (m, n) computes a BM x BN tile of one
+// expert, BM = 64 pairs per warpgroup. Each K step of 64 is one 128-byte row per tile row, laid
+// out in shared memory with the 128-byte swizzle that wgmma's descriptors name; pieces arrive
+// with cp.async (gathered x rows, zero-filled outside the tile) into a ring of STAGES buffers, so
+// several steps of weights are in flight while the tensor cores work on the current one.
+#include "common.cuh"
+#include "grouped_gemm.cuh"
+#include "kernels.h"
+#include "wgmma_ops.cuh"
+
+namespace jax_moe {
+namespace {
+
+constexpr int BK = 64;          // K elements per step: one 128-byte row of 16-bit values
+constexpr int kRowBytes = 128;  // bytes of one tile row per step (the swizzle width)
+
+template <int WG_, int BN_, int STAGES_>
+struct HopperTile {
+  static constexpr int WG = WG_, BM = 64 * WG_, BN = BN_, STAGES = STAGES_, THREADS = 128 * WG_;
+  static constexpr int A_BYTES = BM * kRowBytes, B_BYTES = BN * kRowBytes, STAGE_BYTES = A_BYTES + B_BYTES;
+  static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;  // + slack to align the ring to 1024
+  static constexpr int AP = BM * 8 / THREADS, BP = BN * 8 / THREADS;  // 16-byte pieces per thread
+  static constexpr int ROW_STEP = THREADS / 8;                         // tile rows per piece round
+  static_assert(AP * THREADS == BM * 8 && BP * THREADS == BN * 8, "pieces split evenly");
+  static_assert(A_BYTES % 1024 == 0 && STAGE_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
+  static_assert(SMEM <= 227 * 1024, "fits Hopper's shared memory");
+};
+using WideTile = HopperTile<2, 256, 4>;    // 128 x 256, for many pairs per expert
+using NarrowTile = HopperTile<1, 256, 5>;  // 64 x 256, when the work is streaming the weights
+
+// Pairs per expert from which the wide tile is used.
+constexpr int64_t kWidePairsPerExpert = 128;
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Byte offset of 16-byte piece c of tile row r in the 128-byte swizzled layout: within each
+// 1024-byte atom of 8 rows, piece c of row r sits at position c ^ r.
+__device__ __forceinline__ uint32_t swizzled(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
+
+// Matrix descriptor of a K-major operand in that layout: start address, leading byte offset
+// (unused with swizzling, 1 by convention), stride byte offset 1024 (from one 8-row atom to the
+// next), layout type 1 = 128-byte swizzle.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return (uint64_t{(addr & 0x3FFFF) >> 4}) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+template <DType D, class C>
+__global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t ring = (raw + 1023u) & ~1023u;
+
+  int64_t e, row0, rows;
+  if (!find_tile<C::BM>(a, blockIdx.x, e, row0, rows)) return;
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int piece = tid % 8, prow = tid / 8;  // this thread's piece column and first tile row
+
+  // x rows of this thread's A pieces (nullptr: no pair there, the piece is zero-filled).
+  const auto* x = static_cast<const uint16_t*>(a.x);
+  const uint16_t* xsrc[C::AP];
+#pragma unroll
+  for (int i = 0; i < C::AP; ++i) {
+    const int r = prow + i * C::ROW_STEP;
+    const int64_t pair = r < rows ? a.perm[row0 + r] : -1;
+    xsrc[i] = pair < 0 ? nullptr : x + (a.x_per_pair ? pair : pair / a.k) * a.K + piece * 8;
+  }
+  // The two accumulator rows of this thread (wgmma's D layout) and their pairs and scores.
+  const int r0 = wg * 64 + warp * 16 + lane / 4;
+  int64_t pair_of[2];
+  float score_of[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + 8 * h;
+    pair_of[h] = r < rows ? a.perm[row0 + r] : -1;
+    score_of[h] = pair_of[h] < 0 ? 0.0f : load_as_float(a.scores, pair_of[h], a.score_dtype);
+  }
+
+  const auto* w = static_cast<const uint16_t*>(a.w);
+  const int KT = static_cast<int>((a.K + BK - 1) / BK);
+  for (int64_t n0 = int64_t{blockIdx.y} * C::BN; n0 < a.N; n0 += int64_t{gridDim.y} * C::BN) {
+    auto load_stage = [&](int s, int64_t k0) {
+      const uint32_t sa = ring + s * C::STAGE_BYTES, sb = sa + C::A_BYTES;
+      const bool k_in = k0 + piece * 8 < a.K;  // K % 8 == 0: a piece is all in or all out
+#pragma unroll
+      for (int i = 0; i < C::AP; ++i) {
+        const bool ok = k_in && xsrc[i] != nullptr;
+        cp_async16(sa + swizzled(prow + i * C::ROW_STEP, piece), ok ? xsrc[i] + k0 : a.x, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < C::BP; ++i) {
+        const int r = prow + i * C::ROW_STEP;
+        const bool ok = k_in && n0 + r < a.N;
+        cp_async16(sb + swizzled(r, piece), ok ? w + (e * a.N + n0 + r) * a.K + k0 + piece * 8 : a.w, ok);
+      }
+    };
+
+    float acc[C::BN / 2];
+#pragma unroll
+    for (int i = 0; i < C::BN / 2; ++i) acc[i] = 0.0f;
+
+    __syncthreads();  // the previous tile's steps are done with the ring
+#pragma unroll
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+      if (s < KT) load_stage(s, int64_t{s} * BK);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+      cp_async_wait<C::STAGES - 2>();                             // this thread's pieces of step kt
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the tensor cores
+      __syncthreads();  // everyone's pieces landed; every warpgroup finished step kt - 1
+      const int s = kt % C::STAGES;
+      const uint32_t sa = ring + s * C::STAGE_BYTES + wg * 64 * kRowBytes;
+      const uint32_t sb = ring + s * C::STAGE_BYTES + C::A_BYTES;
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)
+        Wgmma<D, C::BN>::mma(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      // Refill the buffer of step kt - 1 while the tensor cores work on step kt.
+      const int next = kt + C::STAGES - 1;
+      if (next < KT) load_stage(next % C::STAGES, int64_t{next} * BK);
+      cp_async_commit();
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+
+    // Register i of the accumulator: row r0 + 8 * ((i / 2) % 2), column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
+#pragma unroll
+    for (int j = 0; j < C::BN / 8; ++j) {
+      const int64_t n = n0 + j * 8 + 2 * (lane % 4);
+      store_two(a, pair_of[0], score_of[0], n, acc[4 * j], acc[4 * j + 1]);
+      store_two(a, pair_of[1], score_of[1], n, acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+#else
+  __trap();  // launched only where the device and the build have sm_90a (wgmma_usable)
+#endif
+}
+
+template <DType D, class C>
+std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
+  const int64_t pairs = p.pairs();
+  const int64_t m_tiles = (pairs + C::BM - 1) / C::BM + std::min<int64_t>(p.E, pairs);
+  const dim3 grid(static_cast<unsigned>(m_tiles), grid_y((p.N + C::BN - 1) / C::BN));
+  const cudaError_t err =
+      cudaFuncSetAttribute(grouped_wgmma_kernel<D, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (err != cudaSuccess) return std::string("grouped_wgmma_kernel shared memory: ") + cudaGetErrorString(err);
+  grouped_wgmma_kernel<D, C><<<grid, C::THREADS, C::SMEM, stream>>>(a);
+  return launch_error("grouped_wgmma_kernel");
+}
+
+bool wide(const MoeProblem& p) { return p.pairs() >= kWidePairsPerExpert * std::max<int64_t>(p.E, 1); }
+
+}  // namespace
+
+bool wgmma_usable(const MoeProblem& p, bool vec) {
+#if defined(JAX_MOE_HAS_SM90A)
+  if (!vec || p.x_dtype == DType::F32) return false;
+  if (p.kind == MoeKind::WMMA ? p.layout != WeightLayout::ENK : !gguf_decode_first(p.kind, p.T, p.k, p.E))
+    return false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();  // leave no sticky error behind; the WMMA path serves
+    return false;
+  }
+  return major == 9 && minor == 0;
+#else
+  (void)p;
+  (void)vec;
+  return false;
+#endif
+}
+
+int wgmma_tile_m(const MoeProblem& p) { return wide(p) ? WideTile::BM : NarrowTile::BM; }
+
+std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
+  if (p.x_dtype == DType::F16)
+    return wide(p) ? launch_tile<DType::F16, WideTile>(p, a, stream) : launch_tile<DType::F16, NarrowTile>(p, a, stream);
+  return wide(p) ? launch_tile<DType::BF16, WideTile>(p, a, stream) : launch_tile<DType::BF16, NarrowTile>(p, a, stream);
+}
+
+}  // namespace jax_moe
