@@ -71,9 +71,9 @@ def test_wmma_gguf_gpu(rng, fmt, dtype, reduce, x_rank, T):
     check(gpu_run(case, reduce=reduce), case)
 
 
-# Pairs per expert pick the GEMM's path: < 64 the skinny 32x256 tile, >= 64 the 128x128 tile,
-# and for GGUF >= 256 the decode-into-scratch-first path. E=2, k=2: T=70 -> 70 pairs per expert,
-# T=260 -> 260 pairs per expert.
+# Pairs per expert pick the GEMM's tile (WMMA: < 64 the skinny 32x256 tile, >= 64 the 128x128
+# one; wgmma on Hopper: < 128 a 64-row tile, >= 128 the 128x256 one); GGUF experts are decoded
+# into scratch first. E=2, k=2: T=70 -> 70 pairs per expert, T=260 -> 260 pairs per expert.
 @pytest.mark.parametrize("T", [70, 260])
 @pytest.mark.parametrize("kind,fmt,layout", [(MoeKind.WMMA, None, "enk"), (MoeKind.WMMA, None, "ekn"),
                                              *[(MoeKind.WMMA_GGUF, f, "enk") for f in FORMATS]])
@@ -86,16 +86,26 @@ def test_large_tile_and_decode_first_gpu(rng, T, kind, fmt, layout, dtype, reduc
 
 
 # Many K steps (more than the GEMM's pipeline depth, with a partial last step), several N tiles
-# with a partial last one, and experts with several M tiles: on Hopper this is the wgmma GEMM's
-# narrow tile (T=40: 5 pairs per expert) and wide tile (T=300: 300 pairs per expert, 3 M tiles).
-@pytest.mark.parametrize("T,E", [(40, 16), (300, 2)])
+# with a partial last one, and experts with several M tiles. On Hopper these take the wgmma
+# GEMM's three tiles: 64x128 (few blocks: T=40, E=16), 128x256 (T=300, E=2: 300 pairs per
+# expert, 3 M tiles) and 64x256 (T=300, E=64: 9 pairs per expert, hundreds of blocks).
+@pytest.mark.parametrize("T,E,N,K", [(40, 16, 600, 1096), (300, 2, 600, 1096), (300, 64, 1040, 264)])
 @pytest.mark.parametrize("dtype,out_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"),
                                              ("bfloat16", "float32")])
 @pytest.mark.parametrize("reduce", REDUCE)
-def test_many_k_steps_and_n_tiles_gpu(rng, T, E, dtype, out_dtype, reduce):
-    case = make_case(rng, kind=MoeKind.WMMA, dtype=dtype, reduce=reduce, T=T, k=2, E=E, N=600, K=1096,
+def test_many_k_steps_and_n_tiles_gpu(rng, T, E, N, K, dtype, out_dtype, reduce):
+    case = make_case(rng, kind=MoeKind.WMMA, dtype=dtype, reduce=reduce, T=T, k=2, E=E, N=N, K=K,
                      out_dtype=out_dtype)
     check(gpu_run(case, reduce=reduce), case)
+
+
+# GGUF experts decoded into scratch, then the GEMM with many blocks (on Hopper the wgmma 64x256 tile).
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gguf_many_blocks_gpu(rng, fmt, dtype):
+    case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=False, T=300, k=2, E=64,
+                     N=1040, K=512)
+    check(gpu_run(case, reduce=False), case)
 
 
 @pytest.mark.parametrize("fmt,reduce,x_rank", list(itertools.product(FORMATS, REDUCE, RANKS)))

@@ -5,7 +5,7 @@
 #   bash tools/h200_check.sh bench "[bench_moe.py arguments]"
 set -u
 MODE=${1:-all}
-SAN_K="enk or Q4_K or Q3_K or scalar or edge or reproducible"
+SAN_K="enk or Q4_K or Q3_K or scalar or edge or reproducible or many_k or gguf_many_blocks"
 [ "$MODE" != bench ] && [ -n "${2:-}" ] && SAN_K=$2
 OUT=${OUT:-/tmp/jax_moe_out}
 mkdir -p "$OUT"

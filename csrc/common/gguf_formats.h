@@ -4,9 +4,10 @@
 //   Block            the block struct (gguf_blocks.h)
 //   QK, SUB          elements per block and per sub-block (the span of one scale)
 //   HAS_MIN          whether sub-blocks carry a min
-//   quant8(b, i0, q) the integer quants (signed; offsets applied) of elements i0 .. i0+7
-//                    (i0 % 8 == 0), read with loads as wide as the layout allows (blocks start
-//                    at multiples of their size in 16-byte-aligned rows)
+//   quant8(b, i0)    the integer quants (signed; offsets applied) of elements i0 .. i0+7
+//                    (i0 % 8 == 0) as 8 packed int8 (element i0 + t in byte t: the operand
+//                    layout of dp4a), read with loads as wide as the layout allows (blocks start
+//                    at multiples of their size in 16-byte-aligned rows); unpack8 gives ints
 //   scale_min(b, s, a, m)  the f32 scale a and min m of sub-block s
 // and element i decodes to  a * q_i - m  with a and m of sub-block i / SUB, computed
 // with unfused f32 operations. That expression is ggml's dequantization for each format, so
@@ -65,15 +66,26 @@ JM_HD uint64_t load8(const uint8_t* p) {
 
 JM_HD int byte_of(uint64_t v, int j) { return static_cast<int>((v >> (8 * j)) & 0xff); }
 
+// Each byte repeated: the masks and offsets that work on 8 packed quants at once.
+JM_HD constexpr uint64_t bytes8(uint8_t b) { return 0x0101010101010101ull * b; }
+
+// Packed unsigned bytes u (each small enough that u + bias < 256) to signed u - (128 - bias): no
+// carry crosses a byte, and flipping each byte's top bit then subtracts 128.
+JM_HD constexpr uint64_t offset_bytes(uint64_t u, uint8_t bias) { return (u + bytes8(bias)) ^ bytes8(0x80); }
+
+// The 8 packed int8 quants as ints.
+JM_HD void unpack8(uint64_t v, int* q) {
+  for (int j = 0; j < 8; ++j) q[j] = static_cast<int8_t>(byte_of(v, j));
+}
+
 template <>
 struct Format<GGMLType::Q8_0> {
   using Block = block_q8_0;
   static constexpr GGMLType type = GGMLType::Q8_0;
   static constexpr int QK = QK8_0, SUB = 32;
   static constexpr bool HAS_MIN = false;
-  static JM_HD void quant8(const Block& b, int i0, int* q) {
-    const uint64_t v = load8<2>(reinterpret_cast<const uint8_t*>(b.qs) + i0);
-    for (int j = 0; j < 8; ++j) q[j] = static_cast<int8_t>(byte_of(v, j));
+  static JM_HD uint64_t quant8(const Block& b, int i0) {
+    return load8<2>(reinterpret_cast<const uint8_t*>(b.qs) + i0);
   }
   static JM_HD void scale_min(const Block& b, int, float& a, float& m) {
     a = half_to_float(b.d);
@@ -87,10 +99,9 @@ struct Format<GGMLType::Q2_K> {
   static constexpr GGMLType type = GGMLType::Q2_K;
   static constexpr int QK = QK_K, SUB = 16;
   static constexpr bool HAS_MIN = true;
-  static JM_HD void quant8(const Block& b, int i0, int* q) {
+  static JM_HD uint64_t quant8(const Block& b, int i0) {
     const int n = i0 >> 7, j = (i0 >> 5) & 3, l = i0 & 31;
-    const uint64_t v = load8<4>(b.qs + 32 * n + l);
-    for (int t = 0; t < 8; ++t) q[t] = (byte_of(v, t) >> (2 * j)) & 3;
+    return (load8<4>(b.qs + 32 * n + l) >> (2 * j)) & bytes8(3);
   }
   static JM_HD void scale_min(const Block& b, int s, float& a, float& m) {
     a = mul_rn(half_to_float(b.d), static_cast<float>(b.scales[s] & 0xF));
@@ -104,11 +115,11 @@ struct Format<GGMLType::Q3_K> {
   static constexpr GGMLType type = GGMLType::Q3_K;
   static constexpr int QK = QK_K, SUB = 16;
   static constexpr bool HAS_MIN = false;
-  static JM_HD void quant8(const Block& b, int i0, int* q) {
+  static JM_HD uint64_t quant8(const Block& b, int i0) {
     const int n = i0 >> 7, j = (i0 >> 5) & 3, l = i0 & 31;
-    const uint64_t lo = load8<2>(b.qs + 32 * n + l), hm = load8<2>(b.hmask + l);
-    for (int t = 0; t < 8; ++t)
-      q[t] = ((byte_of(lo, t) >> (2 * j)) & 3) - (((byte_of(hm, t) >> (4 * n + j)) & 1) ? 0 : 4);
+    const uint64_t lo = (load8<2>(b.qs + 32 * n + l) >> (2 * j)) & bytes8(3);
+    const uint64_t hi = (load8<2>(b.hmask + l) >> (4 * n + j)) & bytes8(1);
+    return offset_bytes(lo | (hi << 2), 124);  // low 2 bits + 4 * high bit - 4
   }
   static JM_HD void scale_min(const Block& b, int s, float& a, float& m) {
     a = mul_rn(half_to_float(b.d), static_cast<float>(q3k_scale(b.scales, s)));
@@ -122,11 +133,9 @@ struct Format<GGMLType::Q4_K> {
   static constexpr GGMLType type = GGMLType::Q4_K;
   static constexpr int QK = QK_K, SUB = 32;
   static constexpr bool HAS_MIN = true;
-  static JM_HD void quant8(const Block& b, int i0, int* q) {
+  static JM_HD uint64_t quant8(const Block& b, int i0) {
     const int c = i0 >> 6, l = i0 & 63;
-    const uint64_t v = load8<8>(b.qs + 32 * c + (l & 31));
-    const int shift = l >= 32 ? 4 : 0;
-    for (int t = 0; t < 8; ++t) q[t] = (byte_of(v, t) >> shift) & 0xF;
+    return (load8<8>(b.qs + 32 * c + (l & 31)) >> (l >= 32 ? 4 : 0)) & bytes8(0xF);
   }
   static JM_HD void scale_min(const Block& b, int s, float& a, float& m) {
     int sc, mn;
@@ -142,11 +151,10 @@ struct Format<GGMLType::Q5_K> {
   static constexpr GGMLType type = GGMLType::Q5_K;
   static constexpr int QK = QK_K, SUB = 32;
   static constexpr bool HAS_MIN = true;
-  static JM_HD void quant8(const Block& b, int i0, int* q) {
+  static JM_HD uint64_t quant8(const Block& b, int i0) {
     const int c = i0 >> 6, l = i0 & 63, hi = l >= 32, ll = l & 31;
-    const uint64_t lo = load8<8>(b.qs + 32 * c + ll), h = load8<8>(b.qh + ll);
-    for (int t = 0; t < 8; ++t)
-      q[t] = ((byte_of(lo, t) >> (hi ? 4 : 0)) & 0xF) + (((byte_of(h, t) >> (2 * c + hi)) & 1) << 4);
+    const uint64_t lo = (load8<8>(b.qs + 32 * c + ll) >> (hi ? 4 : 0)) & bytes8(0xF);
+    return lo | (((load8<8>(b.qh + ll) >> (2 * c + hi)) & bytes8(1)) << 4);
   }
   static JM_HD void scale_min(const Block& b, int s, float& a, float& m) {
     int sc, mn;
@@ -162,12 +170,11 @@ struct Format<GGMLType::Q6_K> {
   static constexpr GGMLType type = GGMLType::Q6_K;
   static constexpr int QK = QK_K, SUB = 16;
   static constexpr bool HAS_MIN = false;
-  static JM_HD void quant8(const Block& b, int i0, int* q) {
+  static JM_HD uint64_t quant8(const Block& b, int i0) {
     const int n = i0 >> 7, quarter = (i0 >> 5) & 3, l = i0 & 31;
-    const uint64_t lo = load8<2>(b.ql + 64 * n + l + ((quarter & 1) ? 32 : 0));
-    const uint64_t hq = load8<2>(b.qh + 32 * n + l);
-    for (int t = 0; t < 8; ++t)
-      q[t] = (((byte_of(lo, t) >> ((quarter & 2) ? 4 : 0)) & 0xF) | (((byte_of(hq, t) >> (2 * quarter)) & 3) << 4)) - 32;
+    const uint64_t lo = (load8<2>(b.ql + 64 * n + l + ((quarter & 1) ? 32 : 0)) >> ((quarter & 2) ? 4 : 0)) & bytes8(0xF);
+    const uint64_t hi = (load8<2>(b.qh + 32 * n + l) >> (2 * quarter)) & bytes8(3);
+    return offset_bytes(lo | (hi << 4), 96);  // 6 bits - 32
   }
   static JM_HD void scale_min(const Block& b, int s, float& a, float& m) {
     a = mul_rn(half_to_float(b.d), static_cast<float>(b.scales[s]));
@@ -180,7 +187,7 @@ struct Format<GGMLType::Q6_K> {
 template <class F>
 JM_HD void decode8(const typename F::Block& b, int i0, float a, float m, float* out) {
   int q[8];
-  F::quant8(b, i0, q);
+  unpack8(F::quant8(b, i0), q);
   for (int t = 0; t < 8; ++t) {
     const float v = mul_rn(a, static_cast<float>(q[t]));
     out[t] = F::HAS_MIN ? sub_rn(v, m) : v;

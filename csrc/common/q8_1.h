@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "fp16.h"
 #include "gguf_blocks.h"
@@ -17,6 +18,28 @@
 namespace jax_moe {
 
 constexpr int QK8_1 = 32;
+
+// Four packed int8 (4-byte aligned) as one word.
+JM_HD uint32_t load4(const int8_t* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const uint32_t*>(p);
+#else
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+
+// c plus the dot product of two words of 4 packed int8 (dp4a on the device).
+JM_HD int32_t dot4(uint32_t a, uint32_t b, int32_t c) {
+#if defined(__CUDA_ARCH__)
+  return __dp4a(static_cast<int>(a), static_cast<int>(b), c);
+#else
+  for (int j = 0; j < 4; ++j)
+    c += static_cast<int8_t>(static_cast<uint8_t>(a >> (8 * j))) * static_cast<int8_t>(static_cast<uint8_t>(b >> (8 * j)));
+  return c;
+#endif
+}
 
 // Round half away from zero, as C's roundf.
 JM_HD int round_away(float v) { return static_cast<int>(roundf(v)); }
@@ -58,12 +81,11 @@ JM_HD float dot_subblock_q8_1(const typename F::Block& w, int s, const block_q8_
   const int8_t* xq = xb.qs + (i0 % QK8_1);
   int32_t sumi = 0, sumx = 0;
   for (int g = 0; g < F::SUB; g += 8) {
-    int q[8];
-    F::quant8(w, i0 + g, q);
-    for (int i = 0; i < 8; ++i) {
-      sumi += q[i] * xq[g + i];
-      if (F::HAS_MIN && F::SUB != QK8_1) sumx += xq[g + i];
-    }
+    const uint64_t q = F::quant8(w, i0 + g);
+    const uint32_t x0 = load4(xq + g), x1 = load4(xq + g + 4);
+    sumi = dot4(static_cast<uint32_t>(q), x0, sumi);
+    sumi = dot4(static_cast<uint32_t>(q >> 32), x1, sumi);
+    if (F::HAS_MIN && F::SUB != QK8_1) sumx = dot4(0x01010101u, x1, dot4(0x01010101u, x0, sumx));
   }
   if (F::HAS_MIN && F::SUB == QK8_1) sumx = xb.sum;
   float a, m;

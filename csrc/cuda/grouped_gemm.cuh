@@ -23,7 +23,7 @@ struct GemmArgs {
   DType score_dtype, out_dtype;
   bool x_per_pair;
   bool vec;  // x (and dense ENK w) allow 16-byte loads: aligned bases and K % 8 == 0
-  bool pack_out;  // out is f16/bf16, 4-byte aligned, N even: two values per 32-bit store
+  bool vec_out;  // 16-byte stores of 8 columns: N % 8 == 0 and (partial, or out f16/bf16 and 16-byte aligned)
 };
 
 // 8 consecutive K elements packed as a 16-byte vector of the activation dtype.
@@ -52,37 +52,41 @@ __device__ bool find_tile(const GemmArgs& a, int64_t m, int64_t& e, int64_t& row
   return true;
 }
 
-// wgmma.cu: the Hopper grouped GEMM for dense ENK experts (or GGUF experts decoded first).
+// wgmma.cu: the Hopper grouped GEMM for dense ENK experts (and GGUF experts decoded first).
 // Usable when the build has sm_90a, the device is compute capability 9.0 and pieces are 16-byte
 // aligned (vec); its M tile decides how pairs are grouped.
 bool wgmma_usable(const MoeProblem& p, bool vec);
 int wgmma_tile_m(const MoeProblem& p);
 std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream);
 
-// Epilogue of two adjacent columns n, n + 1 (n even) of one pair: scale by the routing score, then write
-// the f32 partial (reduce) or the output (one rounding).
-__device__ __forceinline__ void store_two(const GemmArgs& a, int64_t pair, float score, int64_t n,
-                                          float v0, float v1) {
+// Epilogue of 8 adjacent columns n .. n+7 (n % 8 == 0) of one pair from f32 values v: scale by
+// the routing score, then write the f32 partial (reduce) or the output (one rounding), with
+// 16-byte stores where a.vec_out allows.
+__device__ __forceinline__ void store_row8(const GemmArgs& a, int64_t pair, float score, int64_t n, const float* v) {
   if (pair < 0 || n >= a.N) return;
-  v0 *= score;
-  v1 *= score;
-  const int64_t i = pair * a.N + n;
-  const bool both = n + 1 < a.N;
-  if (a.partial != nullptr) {
-    if (both && a.N % 2 == 0) {
-      *reinterpret_cast<float2*>(a.partial + i) = make_float2(v0, v1);
+  float s[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s[i] = v[i] * score;
+  const int64_t i0 = pair * a.N + n;
+  if (a.vec_out && n + 8 <= a.N) {
+    if (a.partial != nullptr) {
+      auto* d = reinterpret_cast<float4*>(a.partial + i0);
+      d[0] = make_float4(s[0], s[1], s[2], s[3]);
+      d[1] = make_float4(s[4], s[5], s[6], s[7]);
     } else {
-      a.partial[i] = v0;
-      if (both) a.partial[i + 1] = v1;
+      const bool bf = a.out_dtype == DType::BF16;
+      uint32_t h[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        h[i] = static_cast<uint32_t>(bf ? float_to_bf16(s[2 * i]) : float_to_half(s[2 * i])) |
+               (static_cast<uint32_t>(bf ? float_to_bf16(s[2 * i + 1]) : float_to_half(s[2 * i + 1])) << 16);
+      *reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.out) + i0) = make_uint4(h[0], h[1], h[2], h[3]);
     }
-  } else if (a.pack_out && both) {
-    const bool bf = a.out_dtype == DType::BF16;
-    const uint32_t lo = bf ? float_to_bf16(v0) : float_to_half(v0);
-    const uint32_t hi = bf ? float_to_bf16(v1) : float_to_half(v1);
-    reinterpret_cast<uint32_t*>(a.out)[i / 2] = lo | (hi << 16);
-  } else {
-    store_from_float(a.out, i, a.out_dtype, v0);
-    if (both) store_from_float(a.out, i + 1, a.out_dtype, v1);
+    return;
+  }
+  for (int i = 0; i < 8 && n + i < a.N; ++i) {
+    if (a.partial != nullptr) a.partial[i0 + i] = s[i];
+    else store_from_float(a.out, i0 + i, a.out_dtype, s[i]);
   }
 }
 

@@ -24,7 +24,10 @@ std::string launch_scalar_gguf(const MoeProblem& p, const MoeBuffers& b, uint8_t
 bool use_token_gemv(const MoeProblem& p);
 std::string launch_small_t(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 
-// wmma.cu: WMMA and WMMA_GGUF grouped tensor-core GEMM.
+// wgmma.cu: the build has sm_90a code and the current device is compute capability 9.0.
+bool wgmma_device();
+
+// wmma.cu: WMMA and WMMA_GGUF grouped tensor-core GEMM (on Hopper through wgmma.cu).
 std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
                         const ScratchLayout& s, cudaStream_t stream);
 

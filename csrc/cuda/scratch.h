@@ -26,12 +26,14 @@ struct ScratchLayout {
 
 inline size_t align256(size_t n) { return (n + 255) & ~size_t{255}; }
 
-// WMMA_GGUF with this many pairs per expert or more decodes the experts once into scratch and
-// runs the dense GEMM on them: otherwise every weight is decoded again for each M tile.
-constexpr int64_t kDecodeFirstPairsPerExpert = 256;
-
+// WMMA_GGUF's grouped GEMM (T > 4 and more than one pair per expert on average: see
+// use_token_gemv) first decodes the experts once into scratch, rounded to x's dtype, and runs the
+// dense GEMM on them. On the H200 (benchmarks/NOTES.md) that beat decoding inside the GEMM at
+// every size measured, by 1.2-6x. The price is transient memory: E * N * K * 2 bytes of scratch,
+// the size of the experts in bf16. (Where the GEMV serves 1-2 pairs per expert on GPUs other
+// than Hopper, that space goes unused.)
 inline bool gguf_decode_first(MoeKind kind, int64_t T, int64_t k, int64_t E) {
-  return kind == MoeKind::WMMA_GGUF && E > 0 && T * k >= kDecodeFirstPairsPerExpert * E;
+  return kind == MoeKind::WMMA_GGUF && E > 0 && T > 4 && T * k > E;
 }
 
 inline ScratchLayout scratch_layout(MoeKind kind, int64_t T, int64_t k, int64_t E, int64_t N,

@@ -1,11 +1,11 @@
-// WMMA and WMMA_GGUF (decoded experts) on Hopper: the grouped GEMM on wgmma (sm_90a).
+// WMMA and WMMA_GGUF on Hopper: the grouped GEMM on wgmma (sm_90a).
 //
-// Same contract as wmma.cu (products of x and w as stored, f32 accumulation, one rounding); the
-// kind names the numerics, not the instruction. Block (m, n) computes a BM x BN tile of one
-// expert, BM = 64 pairs per warpgroup. Each K step of 64 is one 128-byte row per tile row, laid
-// out in shared memory with the 128-byte swizzle that wgmma's descriptors name; pieces arrive
-// with cp.async (gathered x rows, zero-filled outside the tile) into a ring of STAGES buffers, so
-// several steps of weights are in flight while the tensor cores work on the current one.
+// Same contract as wmma.cu (products of x and w as stored, f32 accumulation, one rounding; GGUF
+// experts arrive decoded into scratch); the kind names the numerics, not the instruction. Block (m, n) computes a BM x BN tile of one expert, BM = 64 pairs per warpgroup.
+// Each K step of 64 is one 128-byte row per tile row, laid out in shared memory with the
+// 128-byte swizzle that wgmma's descriptors name, in a ring of STAGES buffers. x pieces (gathered
+// rows, zero-filled outside the tile) and weights arrive with cp.async, STAGES - 1 steps ahead.
+// The accumulators leave through shared memory, so that each row is written with 16-byte stores.
 #include "common.cuh"
 #include "grouped_gemm.cuh"
 #include "kernels.h"
@@ -27,9 +27,15 @@ struct HopperTile {
   static_assert(AP * THREADS == BM * 8 && BP * THREADS == BN * 8, "pieces split evenly");
   static_assert(A_BYTES % 1024 == 0 && STAGE_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
   static_assert(SMEM <= 227 * 1024, "fits Hopper's shared memory");
+  static constexpr int LD = BN + 8;  // row stride (floats) of the epilogue's staging, padded
+  static_assert(BM * LD * 4 <= STAGES * STAGE_BYTES, "the epilogue's staging fits the ring");
 };
 using WideTile = HopperTile<2, 256, 4>;    // 128 x 256, for many pairs per expert
 using NarrowTile = HopperTile<1, 256, 5>;  // 64 x 256, when the work is streaming the weights
+using SlimTile = HopperTile<1, 128, 8>;    // 64 x 128, when 64 x 256 tiles would leave SMs idle
+
+// Below this many 64 x 256 blocks (two per SM of an H200), the 64 x 128 tile is used.
+constexpr int64_t kSlimBlocks = 264;
 
 // Pairs per expert from which the wide tile is used.
 constexpr int64_t kWidePairsPerExpert = 128;
@@ -77,71 +83,78 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
     const int64_t pair = r < rows ? a.perm[row0 + r] : -1;
     xsrc[i] = pair < 0 ? nullptr : x + (a.x_per_pair ? pair : pair / a.k) * a.K + piece * 8;
   }
-  // The two accumulator rows of this thread (wgmma's D layout) and their pairs and scores.
-  const int r0 = wg * 64 + warp * 16 + lane / 4;
-  int64_t pair_of[2];
-  float score_of[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = r0 + 8 * h;
-    pair_of[h] = r < rows ? a.perm[row0 + r] : -1;
-    score_of[h] = pair_of[h] < 0 ? 0.0f : load_as_float(a.scores, pair_of[h], a.score_dtype);
+  // Pairs and scores of the tile's rows, for the epilogue.
+  __shared__ int64_t pair_of[C::BM];
+  __shared__ float score_of[C::BM];
+  for (int r = tid; r < C::BM; r += C::THREADS) {
+    pair_of[r] = r < rows ? a.perm[row0 + r] : -1;
+    score_of[r] = pair_of[r] < 0 ? 0.0f : load_as_float(a.scores, pair_of[r], a.score_dtype);
   }
 
   const auto* w = static_cast<const uint16_t*>(a.w);
   const int KT = static_cast<int>((a.K + BK - 1) / BK);
+  constexpr int AHEAD = C::STAGES - 1;  // steps loading while one computes
   for (int64_t n0 = int64_t{blockIdx.y} * C::BN; n0 < a.N; n0 += int64_t{gridDim.y} * C::BN) {
-    auto load_stage = [&](int s, int64_t k0) {
-      const uint32_t sa = ring + s * C::STAGE_BYTES, sb = sa + C::A_BYTES;
-      const bool k_in = k0 + piece * 8 < a.K;  // K % 8 == 0: a piece is all in or all out
-#pragma unroll
-      for (int i = 0; i < C::AP; ++i) {
-        const bool ok = k_in && xsrc[i] != nullptr;
-        cp_async16(sa + swizzled(prow + i * C::ROW_STEP, piece), ok ? xsrc[i] + k0 : a.x, ok);
-      }
-#pragma unroll
-      for (int i = 0; i < C::BP; ++i) {
-        const int r = prow + i * C::ROW_STEP;
-        const bool ok = k_in && n0 + r < a.N;
-        cp_async16(sb + swizzled(r, piece), ok ? w + (e * a.N + n0 + r) * a.K + k0 + piece * 8 : a.w, ok);
-      }
-    };
-
     float acc[C::BN / 2];
 #pragma unroll
     for (int i = 0; i < C::BN / 2; ++i) acc[i] = 0.0f;
 
-    __syncthreads();  // the previous tile's steps are done with the ring
+    __syncthreads();  // the previous tile's epilogue is done with the ring
+    // Step kt computes once its pieces landed; the first AHEAD rounds only load.
+    for (int kt = -AHEAD; kt < KT; ++kt) {
+      if (kt >= 0) {
+        cp_async_wait<AHEAD - 1>();                                  // this thread's pieces of step kt
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the tensor cores
+        __syncthreads();  // everyone's pieces of step kt landed; every warpgroup finished step kt - 1
+        const int s = kt % C::STAGES;
+        const uint32_t sa = ring + s * C::STAGE_BYTES + wg * 64 * kRowBytes;
+        const uint32_t sb = ring + s * C::STAGE_BYTES + C::A_BYTES;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-    for (int s = 0; s < C::STAGES - 1; ++s) {
-      if (s < KT) load_stage(s, int64_t{s} * BK);
-      cp_async_commit();
-    }
-    for (int kt = 0; kt < KT; ++kt) {
-      cp_async_wait<C::STAGES - 2>();                             // this thread's pieces of step kt
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the tensor cores
-      __syncthreads();  // everyone's pieces landed; every warpgroup finished step kt - 1
-      const int s = kt % C::STAGES;
-      const uint32_t sa = ring + s * C::STAGE_BYTES + wg * 64 * kRowBytes;
-      const uint32_t sb = ring + s * C::STAGE_BYTES + C::A_BYTES;
-      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        for (int kk = 0; kk < BK / 16; ++kk)
+          Wgmma<D, C::BN>::mma(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      }
+      // Load step kt + AHEAD into the buffer of step kt - 1 while the tensor cores work on step kt.
+      const int next = kt + AHEAD;
+      if (next < KT) {
+        const int64_t k0 = int64_t{next} * BK;
+        const uint32_t sa = ring + (next % C::STAGES) * C::STAGE_BYTES, sb = sa + C::A_BYTES;
+        const bool k_in = k0 + piece * 8 < a.K;  // K % 8 == 0: a piece is all in or all out
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)
-        Wgmma<D, C::BN>::mma(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
-      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-      // Refill the buffer of step kt - 1 while the tensor cores work on step kt.
-      const int next = kt + C::STAGES - 1;
-      if (next < KT) load_stage(next % C::STAGES, int64_t{next} * BK);
+        for (int i = 0; i < C::AP; ++i) {
+          const bool ok = k_in && xsrc[i] != nullptr;
+          cp_async16(sa + swizzled(prow + i * C::ROW_STEP, piece), ok ? xsrc[i] + k0 : a.x, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < C::BP; ++i) {
+          const int r = prow + i * C::ROW_STEP;
+          const bool ok = k_in && n0 + r < a.N;
+          cp_async16(sb + swizzled(r, piece), ok ? w + (e * a.N + n0 + r) * a.K + k0 + piece * 8 : a.w, ok);
+        }
+      }
       cp_async_commit();
-      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      if (kt >= 0) asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
 
-    // Register i of the accumulator: row r0 + 8 * ((i / 2) % 2), column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
+    // Epilogue: the accumulators go through shared memory (the ring, now idle) so that each warp
+    // then writes whole rows. Register i holds row 16 * warp + lane / 4 + 8 * ((i / 2) % 2) of
+    // this warpgroup's 64, column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
+    __syncthreads();  // every warpgroup's tensor cores are done reading the ring
+    float* stage = reinterpret_cast<float*>(smem_raw + (ring - raw));
+    const int r0 = wg * 64 + warp * 16 + lane / 4;
 #pragma unroll
     for (int j = 0; j < C::BN / 8; ++j) {
-      const int64_t n = n0 + j * 8 + 2 * (lane % 4);
-      store_two(a, pair_of[0], score_of[0], n, acc[4 * j], acc[4 * j + 1]);
-      store_two(a, pair_of[1], score_of[1], n, acc[4 * j + 2], acc[4 * j + 3]);
+      const int c = j * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(stage + r0 * C::LD + c) = make_float2(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<float2*>(stage + (r0 + 8) * C::LD + c) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+    __syncthreads();
+    constexpr int PER_ROW = C::BN / 8;  // threads per row, 8 columns each
+#pragma unroll 1
+    for (int i = tid; i < C::BM * PER_ROW; i += C::THREADS) {
+      const int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+      store_row8(a, pair_of[r], score_of[r], n0 + c, stage + r * C::LD + c);
     }
   }
 #else
@@ -163,13 +176,23 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
 
 bool wide(const MoeProblem& p) { return p.pairs() >= kWidePairsPerExpert * std::max<int64_t>(p.E, 1); }
 
+// 64 x 256 tiles for so few blocks that some SMs would idle: 64 x 128 ones instead (upper bound
+// on the M tiles, as the launch counts them).
+bool slim(const MoeProblem& p) {
+  const int64_t m_tiles = p.pairs() / NarrowTile::BM + std::min<int64_t>(p.E, p.pairs());
+  return !wide(p) && m_tiles * ((p.N + NarrowTile::BN - 1) / NarrowTile::BN) < kSlimBlocks;
+}
+
+template <DType D>
+std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
+  if (wide(p)) return launch_tile<D, WideTile>(p, a, stream);
+  return slim(p) ? launch_tile<D, SlimTile>(p, a, stream) : launch_tile<D, NarrowTile>(p, a, stream);
+}
+
 }  // namespace
 
-bool wgmma_usable(const MoeProblem& p, bool vec) {
+bool wgmma_device() {
 #if defined(JAX_MOE_HAS_SM90A)
-  if (!vec || p.x_dtype == DType::F32) return false;
-  if (p.kind == MoeKind::WMMA ? p.layout != WeightLayout::ENK : !gguf_decode_first(p.kind, p.T, p.k, p.E))
-    return false;
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -179,18 +202,19 @@ bool wgmma_usable(const MoeProblem& p, bool vec) {
   }
   return major == 9 && minor == 0;
 #else
-  (void)p;
-  (void)vec;
   return false;
 #endif
+}
+
+bool wgmma_usable(const MoeProblem& p, bool vec) {
+  return vec && p.x_dtype != DType::F32 && p.layout == WeightLayout::ENK && wgmma_device();
 }
 
 int wgmma_tile_m(const MoeProblem& p) { return wide(p) ? WideTile::BM : NarrowTile::BM; }
 
 std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
-  if (p.x_dtype == DType::F16)
-    return wide(p) ? launch_tile<DType::F16, WideTile>(p, a, stream) : launch_tile<DType::F16, NarrowTile>(p, a, stream);
-  return wide(p) ? launch_tile<DType::BF16, WideTile>(p, a, stream) : launch_tile<DType::BF16, NarrowTile>(p, a, stream);
+  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, stream)
+                                 : launch_for_dtype<DType::BF16>(p, a, stream);
 }
 
 }  // namespace jax_moe

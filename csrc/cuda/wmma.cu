@@ -1,15 +1,14 @@
 // WMMA and WMMA_GGUF: a grouped GEMM on tensor cores (16x16x16 tiles, f32 accumulation).
 //
 // Two tile shapes: 128x128 for many pairs per expert, and 32x256 ("skinny") when each expert sees
-// few pairs and the work is streaming its weights. At large T, GGUF experts are first decoded
-// once into scratch (rounded to x's dtype) and the dense GEMM runs on them.
+// few pairs and the work is streaming its weights. GGUF experts are first decoded once into
+// scratch (rounded to x's dtype) and the dense GEMM runs on them.
 //
 // Pairs are grouped by expert (grouping.cu). Block (m, n) computes a BM x BN tile of one expert:
 // BM pairs of that expert against BN weight rows, over K in steps of BK. Tiles go through a
 // double-buffered shared-memory pipeline: each thread loads its 16-byte pieces of the next step
 // into registers while the tensor cores work on the current one. The weight loader decides how a
-// piece is made: copied for dense experts (either layout), or decoded with ggml's formulas and
-// rounded once to the activation dtype for GGUF experts. The epilogue multiplies by the routing
+// piece is made: copied from dense experts, in either layout. The epilogue multiplies by the routing
 // score and writes the output (or, when reducing, the per-pair f32 partial).
 #include <mma.h>
 
@@ -65,29 +64,6 @@ struct DenseEKN {
     const auto* w = static_cast<const uint16_t*>(a.w);
 #pragma unroll
     for (int i = 0; i < 8; ++i) p.h[i] = (n < a.N && k0 + i < a.K) ? w[(e * a.K + k0 + i) * a.N + n] : 0;
-    return p;
-  }
-};
-
-template <class F>
-struct Gguf {
-  static_assert(F::SUB % 8 == 0, "a piece lies inside one sub-block");
-  template <DType D>
-  static __device__ __forceinline__ Piece load(const GemmArgs& a, int64_t e, int64_t n, int64_t k0) {
-    Piece p;
-    if (n >= a.N || k0 >= a.K) {  // K is a multiple of the block size, so a piece is all in or out
-      p.v = make_uint4(0, 0, 0, 0);
-      return p;
-    }
-    const auto* blocks = reinterpret_cast<const typename F::Block*>(
-        static_cast<const uint8_t*>(a.w) + (e * a.N + n) * a.row_bytes);
-    const typename F::Block& blk = blocks[k0 / F::QK];
-    const int i0 = static_cast<int>(k0 % F::QK);
-    float sc, mn, v[8];
-    F::scale_min(blk, i0 / F::SUB, sc, mn);
-    decode8<F>(blk, i0, sc, mn, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) p.h[i] = to_bits<D>(v[i]);
     return p;
   }
 };
@@ -232,7 +208,7 @@ __global__ void decode_experts_kernel(const uint8_t* w, int64_t rows, int64_t K,
 }
 
 template <DType D, class C>
-std::string launch_tile(const MoeProblem& p, const GemmArgs& a, bool decoded, cudaStream_t stream) {
+std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
   // Upper bound on M tiles: every non-empty expert adds at most one partial tile.
   const int64_t pairs = p.pairs();
   const int64_t m_tiles = (pairs + C::BM - 1) / C::BM + std::min<int64_t>(p.E, pairs);
@@ -242,11 +218,7 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, bool decoded, cu
     grouped_wmma_kernel<D, decltype(loader), C><<<grid, THREADS, 0, stream>>>(a);
     err = launch_error("grouped_wmma_kernel");
   };
-  if (p.kind == MoeKind::WMMA || decoded) {
-    if (p.layout == WeightLayout::ENK) go(DenseENK{}); else go(DenseEKN{});
-  } else {
-    dispatch_format(p.wtype, [&](auto fmt) { go(Gguf<decltype(fmt)>{}); });
-  }
+  if (p.layout == WeightLayout::ENK) go(DenseENK{}); else go(DenseEKN{});
   return err;
 }
 
@@ -275,12 +247,13 @@ bool skinny(const MoeProblem& p) { return p.pairs() < kSkinnyPairsPerExpert * st
 template <DType D>
 std::string launch_for_dtype(const MoeProblem& p, GemmArgs a, bool hopper, uint8_t* scratch,
                              const ScratchLayout& s, cudaStream_t stream) {
-  const bool decoded = gguf_decode_first(p.kind, p.T, p.k, p.E);
-  if (decoded)
+  if (p.kind == MoeKind::WMMA_GGUF) {
+    if (!gguf_decode_first(p.kind, p.T, p.k, p.E))  // the GEMV serves every other size
+      return "internal: WMMA_GGUF reached the grouped GEMM below the decode-first size";
     if (auto err = decode_experts<D>(p, a, scratch, s, stream); !err.empty()) return err;
+  }
   if (hopper) return launch_wgmma(p, a, stream);
-  return skinny(p) ? launch_tile<D, SkinnyTile>(p, a, decoded, stream)
-                   : launch_tile<D, LargeTile>(p, a, decoded, stream);
+  return skinny(p) ? launch_tile<D, SkinnyTile>(p, a, stream) : launch_tile<D, LargeTile>(p, a, stream);
 }
 
 }  // namespace
@@ -308,8 +281,8 @@ std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scrat
   a.out_dtype = p.out_dtype;
   a.x_per_pair = p.x_per_pair;
   a.vec = vec;
-  a.pack_out = (p.out_dtype == DType::BF16 || p.out_dtype == DType::F16) && p.N % 2 == 0 &&
-               reinterpret_cast<uintptr_t>(b.out) % 4 == 0;
+  a.vec_out = p.N % 8 == 0 && (p.reduce || ((p.out_dtype == DType::BF16 || p.out_dtype == DType::F16) &&
+                                              reinterpret_cast<uintptr_t>(b.out) % 16 == 0));
   return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, hopper, scratch, s, stream)
                                  : launch_for_dtype<DType::BF16>(p, a, hopper, scratch, s, stream);
 }
