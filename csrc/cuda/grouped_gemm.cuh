@@ -1,5 +1,5 @@
-// What the grouped GEMMs (wmma.cu, and wgmma.cu on Hopper) share: their arguments, the 16-byte
-// piece of 8 activation-dtype values, the tile lookup and the epilogue store.
+// What the grouped GEMMs (wmma.cu, and wgmma.cu on Hopper) share: their arguments, the tile
+// lookup and the epilogue store.
 #pragma once
 
 #include <cstdint>
@@ -25,17 +25,6 @@ struct GemmArgs {
   bool vec;  // x (and dense ENK w) allow 16-byte loads: aligned bases and K % 8 == 0
   bool vec_out;  // 16-byte stores of 8 columns: N % 8 == 0 and (partial, or out f16/bf16 and 16-byte aligned)
 };
-
-// 8 consecutive K elements packed as a 16-byte vector of the activation dtype.
-union Piece {
-  uint4 v;
-  uint16_t h[8];
-};
-
-template <DType D>
-__device__ __forceinline__ uint16_t to_bits(float f) {
-  return D == DType::BF16 ? float_to_bf16(f) : float_to_half(f);
-}
 
 // Which expert and which of its tiles block m works on; false when m is past the last tile.
 template <int BM>

@@ -11,6 +11,7 @@
 #include "../common/gguf_formats.h"
 #include "../common/q8_1.h"
 #include "common.cuh"
+#include "decode.cuh"
 #include "kernels.h"
 
 namespace jax_moe {
@@ -133,9 +134,9 @@ struct GgufDot {
           for (int i = 0; i < 8; ++i) xf[i] = load_as_float(xs, c * 8 + i, D);
         }
         float wf[8];
-        decode8<F>(blk, s * F::SUB + c * 8, sc, mn, wf);
+        unpack8<D>(decode8_rounded<F, D>(blk, s * F::SUB + c * 8, sc, mn), wf);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) part += round_to(D, wf[i]) * xf[i];
+        for (int i = 0; i < 8; ++i) part += wf[i] * xf[i];
       }
     }
     return part;

@@ -14,6 +14,7 @@
 
 #include "../common/gguf_formats.h"
 #include "common.cuh"
+#include "decode.cuh"
 #include "grouped_gemm.cuh"
 #include "kernels.h"
 
@@ -40,6 +41,12 @@ using SkinnyTile = Tile<32, 256, 1>;
 
 // Pairs per expert below which the skinny tile is used.
 constexpr int64_t kSkinnyPairsPerExpert = 64;
+
+// 8 consecutive K elements packed as a 16-byte vector of the activation dtype.
+union Piece {
+  uint4 v;
+  uint16_t h[8];
+};
 
 // Weight loaders: piece (n, k0 .. k0+7) of expert e, zero outside [0, N) x [0, K).
 struct DenseENK {
@@ -197,13 +204,9 @@ __global__ void decode_experts_kernel(const uint8_t* w, int64_t rows, int64_t K,
     const auto* blocks = reinterpret_cast<const typename F::Block*>(w + row * row_bytes);
     const typename F::Block& blk = blocks[k0 / F::QK];
     const int i0 = static_cast<int>(k0 % F::QK);
-    float sc, mn, v[8];
+    float sc, mn;
     F::scale_min(blk, i0 / F::SUB, sc, mn);
-    decode8<F>(blk, i0, sc, mn, v);
-    Piece out8;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out8.h[i] = to_bits<D>(v[i]);
-    *reinterpret_cast<uint4*>(out + row * K + k0) = out8.v;
+    *reinterpret_cast<uint4*>(out + row * K + k0) = decode8_rounded<F, D>(blk, i0, sc, mn);
   }
 }
 

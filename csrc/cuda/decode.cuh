@@ -1,0 +1,47 @@
+// GGUF decoding on the device, rounded to the activation dtype: 8 values per call, bit-exact with
+// decode8 then round_to (gguf_formats.h, fp16.h), with cheaper instructions. On Hopper the
+// conversion instructions (int -> f32, f32 -> f16/bf16) issue at 1/8 of the f32 rate, and they
+// dominated the small-T GGUF kernels; here a quant becomes a float through a byte permute and
+// one exact subtraction, and the rounding converts two values per instruction.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../common/gguf_formats.h"
+
+namespace jax_moe {
+
+// Two f32 rounded (nearest even) to the activation dtype, packed: a in the low half.
+template <DType D>
+__device__ __forceinline__ uint32_t round2(float a, float b) {
+  if constexpr (D == DType::BF16) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+// Elements i0 .. i0+7 (i0 % 8 == 0, inside one sub-block with scale a and min m) of block b:
+// a * q - m in unfused f32, rounded once to D, as 8 packed 16-bit values.
+template <class F, DType D>
+__device__ __forceinline__ uint4 decode8_rounded(const typename F::Block& b, int i0, float a, float m) {
+  const uint64_t q = F::quant8(b, i0);
+  // Bias each signed byte by 128 (flip its top bit); 0x4B0000bb is then the float 2^23 + q + 128.
+  const uint32_t lo = static_cast<uint32_t>(q) ^ 0x80808080u, hi = static_cast<uint32_t>(q >> 32) ^ 0x80808080u;
+  float v[8];
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
+    const float qf = __fsub_rn(__uint_as_float(bits), 8388736.0f);  // exact: q
+    const float av = __fmul_rn(a, qf);
+    v[t] = F::HAS_MIN ? __fsub_rn(av, m) : av;
+  }
+  return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
+}
+
+}  // namespace jax_moe
