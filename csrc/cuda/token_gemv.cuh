@@ -91,7 +91,7 @@ struct DenseDot {
     if (a.vec) {
       const auto* w4 = reinterpret_cast<const uint4*>(wr);
       const auto* x4 = reinterpret_cast<const uint4*>(xr);
-#pragma unroll 4
+#pragma unroll 8
       for (int64_t c = lane; c < a.K / 8; c += 32) {
         float wf[8], xf[8];
         unpack8<D>(__ldg(w4 + c), wf);
