@@ -30,6 +30,7 @@ import jax_moe  # noqa: E402
 from jax_moe import MoeKind, QuantizedExperts, moe_matmul, moe_matmul_p, quantize  # noqa: E402
 from jax_moe.ffn import MoEWeights, moe_ffn  # noqa: E402
 from jax_moe.parallel import ExpertParallel, expert_parallel_ffn  # noqa: E402
+from jax_moe.partitioning import local_expert_ids  # noqa: E402
 from jax_moe.routing import RouterConfig  # noqa: E402
 
 from sharding_hlo import collectives_from_params  # noqa: E402
@@ -288,8 +289,7 @@ def test_shard_map_local_experts(rng, mesh_name, wname):
         if isinstance(w, QuantizedExperts):
             w = QuantizedExperts(w.data, w.qtype, (w.data.shape[0], w.N, w.K))
         e_local = w.shape[0]
-        local = ids - jax.lax.axis_index(expert) * e_local
-        local = jnp.where((local >= 0) & (local < e_local), local, -1)
+        local = local_expert_ids(ids, expert, e_local)
         y = moe_matmul(x, local, w, scores, out_dtype=jnp.float32)
         # w varies over the expert axis, x over the data axis: the output varies over both.
         assert vma(y) == frozenset(a for a in (data, expert) if a)

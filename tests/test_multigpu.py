@@ -67,6 +67,7 @@ sc = _import_cases()
 from jax_moe import QuantizedExperts, moe_matmul  # noqa: E402
 from jax_moe.ffn import MoEWeights, moe_ffn  # noqa: E402
 from jax_moe.parallel import ExpertParallel  # noqa: E402
+from jax_moe.partitioning import local_expert_ids  # noqa: E402
 from jax_moe.routing import RouterConfig  # noqa: E402
 
 if DRY:
@@ -266,8 +267,7 @@ def test_shard_map_local_experts(rng, cpu_mesh, wname):
         if isinstance(w, QuantizedExperts):
             w = QuantizedExperts(w.data, w.qtype, (w.data.shape[0], w.N, w.K))
         e_local = w.shape[0]
-        local = ids - jax.lax.axis_index(expert) * e_local
-        local = jnp.where((local >= 0) & (local < e_local), local, -1)
+        local = local_expert_ids(ids, expert, e_local)
         return jax.lax.psum(moe_matmul(x, local, w, scores, out_dtype=jnp.float32), expert)
 
     tok = P(data)

@@ -10,8 +10,9 @@ std::string moe_forward_cuda(const MoeProblem& p, const MoeBuffers& b, uint8_t* 
     return "scratch buffer of " + std::to_string(scratch_bytes) + " bytes is smaller than the " +
            std::to_string(s.total) + " this call needs";
   if (p.kind == MoeKind::SCALAR_GGUF) return launch_scalar_gguf(p, b, scratch, s, stream);
-  if (use_token_gemv(p)) return launch_small_t(p, b, stream);
-  if (auto e = launch_wmma(p, b, scratch, s, stream); !e.empty()) return e;
+  const bool hopper = wgmma_device();
+  if (use_token_gemv(p, hopper)) return launch_small_t(p, b, stream);
+  if (auto e = launch_wmma(p, b, scratch, s, hopper, stream); !e.empty()) return e;
   if (p.reduce) return launch_reduce_pairs(p, b, reinterpret_cast<const float*>(scratch + s.partial), stream);
   return launch_zero_invalid_pairs(p, b, stream);
 }

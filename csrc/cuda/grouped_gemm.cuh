@@ -2,6 +2,7 @@
 // lookup and the epilogue store.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -41,10 +42,14 @@ __device__ bool find_tile(const GemmArgs& a, int64_t m, int64_t& e, int64_t& row
   return true;
 }
 
-// wgmma.cu: the Hopper grouped GEMM for dense ENK experts (and GGUF experts decoded first).
-// Usable when the build has sm_90a, the device is compute capability 9.0 and pieces are 16-byte
-// aligned (vec); its M tile decides how pairs are grouped.
-bool wgmma_usable(const MoeProblem& p, bool vec);
+// Upper bound on the M tiles of tile height bm over all experts: every non-empty expert adds at
+// most one partial tile.
+inline int64_t max_m_tiles(const MoeProblem& p, int bm) {
+  return (p.pairs() + bm - 1) / bm + std::min<int64_t>(p.E, p.pairs());
+}
+
+// wgmma.cu: the Hopper grouped GEMM for dense ENK experts (and GGUF experts decoded first), on a
+// wgmma_device() with 16-byte-aligned pieces; its M tile decides how pairs are grouped.
 int wgmma_tile_m(const MoeProblem& p);
 std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream);
 

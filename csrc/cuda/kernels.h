@@ -20,16 +20,18 @@ std::string group_pairs_by_expert(const MoeProblem& p, const int32_t* ids, uint8
 std::string launch_scalar_gguf(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
                                const ScratchLayout& s, cudaStream_t stream);
 
-// small_t.cu: WMMA and WMMA_GGUF through the token GEMV kernel, for few tokens per expert.
-bool use_token_gemv(const MoeProblem& p);
+// small_t.cu: WMMA and WMMA_GGUF through the token GEMV kernel, for few tokens per expert
+// (hopper: wgmma_device(), whose GEMM takes over at fewer pairs per expert).
+bool use_token_gemv(const MoeProblem& p, bool hopper);
 std::string launch_small_t(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 
 // wgmma.cu: the build has sm_90a code and the current device is compute capability 9.0.
 bool wgmma_device();
 
-// wmma.cu: WMMA and WMMA_GGUF grouped tensor-core GEMM (on Hopper through wgmma.cu).
+// wmma.cu: WMMA and WMMA_GGUF grouped tensor-core GEMM (through wgmma.cu when hopper, that is
+// wgmma_device(), and the problem allows).
 std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
-                        const ScratchLayout& s, cudaStream_t stream);
+                        const ScratchLayout& s, bool hopper, cudaStream_t stream);
 
 // reduce.cu: out[t] = sum_j partial[t, j] in order j; zero rows of invalid pairs.
 std::string launch_reduce_pairs(const MoeProblem& p, const MoeBuffers& b, const float* partial,

@@ -19,7 +19,7 @@ constexpr int kRowBytes = 128;  // bytes of one tile row per step (the swizzle w
 
 template <int WG_, int BN_, int STAGES_>
 struct HopperTile {
-  static constexpr int WG = WG_, BM = 64 * WG_, BN = BN_, STAGES = STAGES_, THREADS = 128 * WG_;
+  static constexpr int BM = 64 * WG_, BN = BN_, STAGES = STAGES_, THREADS = 128 * WG_;
   static constexpr int A_BYTES = BM * kRowBytes, B_BYTES = BN * kRowBytes, STAGE_BYTES = A_BYTES + B_BYTES;
   static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;  // + slack to align the ring to 1024
   static constexpr int AP = BM * 8 / THREADS, BP = BN * 8 / THREADS;  // 16-byte pieces per thread
@@ -158,15 +158,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
     }
   }
 #else
-  __trap();  // launched only where the device and the build have sm_90a (wgmma_usable)
+  __trap();  // launched only where the device and the build have sm_90a (wgmma_device)
 #endif
 }
 
 template <DType D, class C>
 std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
-  const int64_t pairs = p.pairs();
-  const int64_t m_tiles = (pairs + C::BM - 1) / C::BM + std::min<int64_t>(p.E, pairs);
-  const dim3 grid(static_cast<unsigned>(m_tiles), grid_y((p.N + C::BN - 1) / C::BN));
+  const dim3 grid(static_cast<unsigned>(max_m_tiles(p, C::BM)), grid_y((p.N + C::BN - 1) / C::BN));
   const cudaError_t err =
       cudaFuncSetAttribute(grouped_wgmma_kernel<D, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (err != cudaSuccess) return std::string("grouped_wgmma_kernel shared memory: ") + cudaGetErrorString(err);
@@ -176,11 +174,9 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
 
 bool wide(const MoeProblem& p) { return p.pairs() >= kWidePairsPerExpert * std::max<int64_t>(p.E, 1); }
 
-// 64 x 256 tiles for so few blocks that some SMs would idle: 64 x 128 ones instead (upper bound
-// on the M tiles, as the launch counts them).
+// 64 x 256 tiles for so few blocks that some SMs would idle: 64 x 128 ones instead.
 bool slim(const MoeProblem& p) {
-  const int64_t m_tiles = p.pairs() / NarrowTile::BM + std::min<int64_t>(p.E, p.pairs());
-  return !wide(p) && m_tiles * ((p.N + NarrowTile::BN - 1) / NarrowTile::BN) < kSlimBlocks;
+  return !wide(p) && max_m_tiles(p, NarrowTile::BM) * ((p.N + NarrowTile::BN - 1) / NarrowTile::BN) < kSlimBlocks;
 }
 
 template <DType D>
@@ -204,10 +200,6 @@ bool wgmma_device() {
 #else
   return false;
 #endif
-}
-
-bool wgmma_usable(const MoeProblem& p, bool vec) {
-  return vec && p.x_dtype != DType::F32 && p.layout == WeightLayout::ENK && wgmma_device();
 }
 
 int wgmma_tile_m(const MoeProblem& p) { return wide(p) ? WideTile::BM : NarrowTile::BM; }

@@ -212,10 +212,7 @@ __global__ void decode_experts_kernel(const uint8_t* w, int64_t rows, int64_t K,
 
 template <DType D, class C>
 std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
-  // Upper bound on M tiles: every non-empty expert adds at most one partial tile.
-  const int64_t pairs = p.pairs();
-  const int64_t m_tiles = (pairs + C::BM - 1) / C::BM + std::min<int64_t>(p.E, pairs);
-  const dim3 grid(static_cast<unsigned>(m_tiles), grid_y((p.N + C::BN - 1) / C::BN));
+  const dim3 grid(static_cast<unsigned>(max_m_tiles(p, C::BM)), grid_y((p.N + C::BN - 1) / C::BN));
   std::string err;
   auto go = [&](auto loader) {
     grouped_wmma_kernel<D, decltype(loader), C><<<grid, THREADS, 0, stream>>>(a);
@@ -225,7 +222,8 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
   return err;
 }
 
-// At large T, decode the GGUF experts once into scratch (x's dtype) and point the GEMM at them.
+// Decode the GGUF experts once into scratch (x's dtype) and point the GEMM at them; the scratch
+// region is 256-byte aligned, so the pieces stay 16-byte aligned (a.vec holds).
 template <DType D>
 std::string decode_experts(const MoeProblem& p, GemmArgs& a, uint8_t* scratch, const ScratchLayout& s,
                            cudaStream_t stream) {
@@ -241,7 +239,6 @@ std::string decode_experts(const MoeProblem& p, GemmArgs& a, uint8_t* scratch, c
     });
   }
   a.w = out;
-  a.vec = a.vec && p.K % 8 == 0;  // the scratch region is 256-byte aligned
   return err;
 }
 
@@ -262,10 +259,10 @@ std::string launch_for_dtype(const MoeProblem& p, GemmArgs a, bool hopper, uint8
 }  // namespace
 
 std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
-                        const ScratchLayout& s, cudaStream_t stream) {
+                        const ScratchLayout& s, bool hopper_device, cudaStream_t stream) {
   const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
                    (p.kind != MoeKind::WMMA || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);
-  const bool hopper = wgmma_usable(p, vec);
+  const bool hopper = hopper_device && vec && p.layout == WeightLayout::ENK;
   const int tile_m = hopper ? wgmma_tile_m(p) : skinny(p) ? SkinnyTile::BM : LargeTile::BM;
   if (auto e = group_pairs_by_expert(p, b.ids, scratch, s, tile_m, stream); !e.empty()) return e;
   if (p.pairs() == 0 || p.N == 0) return {};
