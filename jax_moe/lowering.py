@@ -19,9 +19,11 @@ from .primitive import moe_matmul_p
 _ffi_rule = jax.ffi.ffi_lowering(_ext.TARGET)
 
 
-def cuda_scratch_bytes(kind: int, T: int, k: int, E: int, N: int, K: int, x_rows: int, reduce: bool) -> int:
-    """Bytes of device scratch the CUDA handler needs (the handler checks the same layout)."""
-    return int(_ext.cuda.scratch_bytes(kind, T, k, E, N, K, x_rows, reduce))
+def cuda_scratch_bytes(kind: int, wtype: int, layout: int, T: int, k: int, E: int, N: int, K: int,
+                       x_rows: int, reduce: bool) -> int:
+    """Bytes of device scratch the CUDA handler needs on any GPU (the handler checks its plan's
+    layout against it): O(T·k·N) plus O(E), never a copy of the experts."""
+    return int(_ext.cuda.scratch_bytes(kind, wtype, layout, T, k, E, N, K, x_rows, reduce))
 
 
 def _attrs(kind, wtype, layout, reduce):
@@ -45,7 +47,7 @@ def _lower_cuda(ctx, x, ids, w, scores, *, kind, wtype, layout, reduce, out_dtyp
     K = x_aval.shape[-1]
     x_rows = T * k if len(x_aval.shape) == 3 else T
     N = ctx.avals_out[0].shape[-1]
-    nbytes = cuda_scratch_bytes(kind, T, k, w_aval.shape[0], N, K, x_rows, reduce)
+    nbytes = cuda_scratch_bytes(kind, wtype, layout, T, k, w_aval.shape[0], N, K, x_rows, reduce)
     scratch = core.ShapedArray((max(nbytes, 1),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, scratch])
     return _ffi_rule(ctx, x, ids, w, scores, **_attrs(kind, wtype, layout, reduce))[:1]

@@ -71,15 +71,15 @@ def test_wmma_gguf_gpu(rng, fmt, dtype, reduce, x_rank, T):
     check(gpu_run(case, reduce=reduce), case)
 
 
-# Pairs per expert pick the GEMM's tile (WMMA: < 64 the skinny 32x256 tile, >= 64 the 128x128
-# one; wgmma on Hopper: < 128 a 64-row tile, >= 128 the 128x256 one); GGUF experts are decoded
-# into scratch first. E=2, k=2: T=70 -> 70 pairs per expert, T=260 -> 260 pairs per expert.
+# Pairs per expert pick the GEMM's tile (plan.h; WMMA: < 64 the skinny 32x256 tile, >= 64 the
+# 128x128 one; wgmma on Hopper: < 128 a 64-row tile, >= 128 the 128x256 one, 128x128 for GGUF,
+# whose blocks are decoded inside the GEMM). E=2, k=2: T=70 -> 70 pairs per expert, T=260 -> 260.
 @pytest.mark.parametrize("T", [70, 260])
 @pytest.mark.parametrize("kind,fmt,layout", [(MoeKind.WMMA, None, "enk"), (MoeKind.WMMA, None, "ekn"),
                                              *[(MoeKind.WMMA_GGUF, f, "enk") for f in FORMATS]])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("reduce", REDUCE)
-def test_large_tile_and_decode_first_gpu(rng, T, kind, fmt, layout, dtype, reduce):
+def test_large_tiles_gpu(rng, T, kind, fmt, layout, dtype, reduce):
     case = make_case(rng, kind=kind, fmt=fmt, dtype=dtype, layout=layout, reduce=reduce,
                      T=T, k=2, E=2, N=136, K=256, x_rank=3 if reduce else 2)
     check(gpu_run(case, reduce=reduce, weight_layout=layout), case)
@@ -99,13 +99,41 @@ def test_many_k_steps_and_n_tiles_gpu(rng, T, E, N, K, dtype, out_dtype, reduce)
     check(gpu_run(case, reduce=reduce), case)
 
 
-# GGUF experts decoded into scratch, then the GEMM with many blocks (on Hopper the wgmma 64x256 tile).
+# GGUF experts decoded inside the GEMM with many blocks (on Hopper the fused wgmma 64x128 tile).
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gguf_many_blocks_gpu(rng, fmt, dtype):
     case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=False, T=300, k=2, E=64,
                      N=1040, K=512)
     check(gpu_run(case, reduce=False), case)
+
+
+def current_plan(kind: MoeKind, case, reduce: bool) -> str:
+    """The kernel and tile the CUDA plan (plan.h) picks for this GGUF case on this GPU."""
+    from jax_moe import _ext
+    T, k = case.ids.shape
+    E, N, K = case.w.shape
+    x_rows = T * k if case.x.ndim == 3 else T
+    return _ext.cuda.plan_description(int(kind), int(case.w.qtype), 0, T, k, E, N, K, x_rows, reduce)
+
+
+# The fused GGUF GEMM's edges: both of its tiles (T=40 over E=8 -> 10 pairs per expert, 64x128;
+# T=300 over E=2 -> 300, 128x128 with 3 M tiles), K = 544 (two raw stages of 256 plus 32: a
+# partial raw stage and a last K step of 32 for the 32-element formats), N = 200 (a partial N
+# tile), rows whose bytes start off 16-byte boundaries (Q8_0 578 and MXFP4 289 bytes per row).
+@pytest.mark.parametrize("T,E", [(40, 8), (300, 2)])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype,reduce,x_rank", [("bfloat16", True, 2), ("float16", False, 3), ("bfloat16", False, 2)])
+def test_gguf_fused_gemm_edges_gpu(rng, T, E, fmt, dtype, reduce, x_rank):
+    K = 544 if fmt in ("Q8_0", "MXFP4") else 512
+    case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=reduce, x_rank=x_rank,
+                     T=T, k=2, E=E, N=200, K=K)
+    plan = current_plan(MoeKind.WMMA_GGUF, case, reduce)
+    if jax.devices("cuda")[0].compute_capability == "9.0":
+        assert plan.startswith("grouped_wgmma_gguf"), plan
+    else:
+        assert plan.startswith("grouped_wmma"), plan
+    check(gpu_run(case, reduce=reduce), case)
 
 
 @pytest.mark.parametrize("fmt,reduce,x_rank", list(itertools.product(FORMATS, REDUCE, RANKS)))

@@ -8,6 +8,7 @@
 
 #include "../common/moe_problem.h"
 #include "common.cuh"
+#include "plan.h"
 
 namespace jax_moe {
 
@@ -42,16 +43,13 @@ __device__ bool find_tile(const GemmArgs& a, int64_t m, int64_t& e, int64_t& row
   return true;
 }
 
-// Upper bound on the M tiles of tile height bm over all experts: every non-empty expert adds at
-// most one partial tile.
-inline int64_t max_m_tiles(const MoeProblem& p, int bm) {
-  return (p.pairs() + bm - 1) / bm + std::min<int64_t>(p.E, p.pairs());
-}
-
-// wgmma.cu: the Hopper grouped GEMM for dense ENK experts (and GGUF experts decoded first), on a
-// wgmma_device() with 16-byte-aligned pieces; its M tile decides how pairs are grouped.
-int wgmma_tile_m(const MoeProblem& p);
-std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream);
+// The grouped GEMMs, each for the tiles the plan gives it (plan.h):
+// wgmma.cu: Hopper, dense ENK experts.
+std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, const CudaPlan& plan, cudaStream_t stream);
+// wgmma_gguf.cu: Hopper, GGUF experts decoded into shared memory inside the GEMM.
+std::string launch_wgmma_gguf(const MoeProblem& p, const GemmArgs& a, const CudaPlan& plan, cudaStream_t stream);
+// wmma.cu: any tensor-core GPU, dense experts in either layout or GGUF decoded in registers.
+std::string launch_wmma(const MoeProblem& p, const GemmArgs& a, const CudaPlan& plan, cudaStream_t stream);
 
 // Epilogue of 8 adjacent columns n .. n+7 (n % 8 == 0) of one pair from f32 values v: scale by
 // the routing score, then write the f32 partial (reduce) or the output (one rounding), with

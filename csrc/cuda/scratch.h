@@ -8,6 +8,7 @@
 
 #include "../common/gguf_blocks.h"
 #include "../common/moe_problem.h"
+#include "plan.h"
 
 namespace jax_moe {
 
@@ -18,26 +19,16 @@ struct ScratchLayout {
   size_t tile_start = 0;  // int32 [E + 1]  first M tile of each expert in the grouped GEMM
   size_t cursor = 0;      // int32 [E]      scatter cursors
   size_t perm = 0;        // int32 [T * k]  pairs sorted by expert
-  size_t partial = 0;     // f32 [T * k, N] per-pair results, when reducing on the WMMA path
+  size_t partial = 0;     // f32 [T * k, N] per-pair results, when the grouped GEMM reduces
   size_t staged = 0;      // block_q8_1 [x_rows, K / 32], SCALAR_GGUF's staged activations
-  size_t decoded = 0;     // x-dtype [E, N, K]: GGUF experts decoded once, at large T
   size_t total = 0;
 };
 
 inline size_t align256(size_t n) { return (n + 255) & ~size_t{255}; }
 
-// WMMA_GGUF's grouped GEMM (T > 4 and more than one pair per expert on average: see
-// use_token_gemv) first decodes the experts once into scratch, rounded to x's dtype, and runs the
-// dense GEMM on them. On the H200 (benchmarks/NOTES.md) that beat decoding inside the GEMM at
-// every size measured, by 1.2-6x. The price is transient memory: E * N * K * 2 bytes of scratch,
-// the size of the experts in bf16. (Where the GEMV serves 1-2 pairs per expert on GPUs other
-// than Hopper, that space goes unused.)
-inline bool gguf_decode_first(MoeKind kind, int64_t T, int64_t k, int64_t E) {
-  return kind == MoeKind::WMMA_GGUF && E > 0 && T > 4 && T * k > E;
-}
-
-inline ScratchLayout scratch_layout(MoeKind kind, int64_t T, int64_t k, int64_t E, int64_t N,
-                                    int64_t K, int64_t x_rows, bool reduce) {
+// What the plan's kernels need: O(T * k * N) plus O(E) bookkeeping, whatever E * N * K is (GGUF
+// experts are decoded inside the kernels, never into scratch).
+inline ScratchLayout scratch_layout(const MoeProblem& p, const CudaPlan& plan) {
   ScratchLayout s;
   size_t at = 0;
   auto take = [&at](size_t bytes) {
@@ -45,24 +36,30 @@ inline ScratchLayout scratch_layout(MoeKind kind, int64_t T, int64_t k, int64_t 
     at += align256(bytes);
     return here;
   };
-  const size_t pairs = static_cast<size_t>(T * k);
-  if (kind == MoeKind::SCALAR_GGUF) {
-    s.staged = take(static_cast<size_t>(x_rows * (K / 32)) * sizeof(block_q8_1));
-  } else {
-    s.counts = take(sizeof(int32_t) * static_cast<size_t>(E));
-    s.offsets = take(sizeof(int32_t) * static_cast<size_t>(E + 1));
-    s.tile_start = take(sizeof(int32_t) * static_cast<size_t>(E + 1));
-    s.cursor = take(sizeof(int32_t) * static_cast<size_t>(E));
+  const size_t pairs = static_cast<size_t>(p.pairs());
+  if (p.kind == MoeKind::SCALAR_GGUF)
+    s.staged = take(static_cast<size_t>(p.x_rows() * (p.K / 32)) * sizeof(block_q8_1));
+  if (plan.grouped()) {
+    s.counts = take(sizeof(int32_t) * static_cast<size_t>(p.E));
+    s.offsets = take(sizeof(int32_t) * static_cast<size_t>(p.E + 1));
+    s.tile_start = take(sizeof(int32_t) * static_cast<size_t>(p.E + 1));
+    s.cursor = take(sizeof(int32_t) * static_cast<size_t>(p.E));
     s.perm = take(sizeof(int32_t) * pairs);
-    if (reduce) s.partial = take(sizeof(float) * pairs * static_cast<size_t>(N));
-    if (gguf_decode_first(kind, T, k, E)) s.decoded = take(sizeof(uint16_t) * static_cast<size_t>(E * N * K));
+    if (p.reduce) s.partial = take(sizeof(float) * pairs * static_cast<size_t>(p.N));
   }
   s.total = at;
   return s;
 }
 
-inline ScratchLayout scratch_layout(const MoeProblem& p) {
-  return scratch_layout(p.kind, p.T, p.k, p.E, p.N, p.K, p.x_rows(), p.reduce);
+// Scratch the lowering allocates, before it knows which GPU runs the call: enough for the plan of
+// either device class (Hopper with wgmma, or any other).
+inline size_t scratch_bytes_any_device(const MoeProblem& p) {
+  CudaDevice hopper;
+  hopper.cc_major = 9;
+  hopper.sm90a_build = true;
+  const size_t a = scratch_layout(p, plan_call(p, hopper, true)).total;
+  const size_t b = scratch_layout(p, plan_call(p, CudaDevice{}, true)).total;
+  return a > b ? a : b;
 }
 
 }  // namespace jax_moe

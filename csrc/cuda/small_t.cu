@@ -10,14 +10,6 @@
 
 namespace jax_moe {
 
-bool use_token_gemv(const MoeProblem& p, bool hopper) {
-  if (p.kind == MoeKind::SCALAR_GGUF) return true;
-  if (p.layout != WeightLayout::ENK) return false;  // rows must be contiguous along K
-  // Up to 2 pairs per expert the GEMV's re-reads of the weights cost less than the WMMA GEMM's
-  // tiles; Hopper's wgmma GEMM streams the weights fast enough to take over above 1.
-  return p.T <= 4 || p.pairs() <= (hopper ? 1 : 2) * p.E;
-}
-
 std::string launch_small_t(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
   const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
                    (p.kind == MoeKind::WMMA_GGUF || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);

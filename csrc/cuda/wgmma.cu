@@ -1,7 +1,8 @@
 // WMMA and WMMA_GGUF on Hopper: the grouped GEMM on wgmma (sm_90a).
 //
-// Same contract as wmma.cu (products of x and w as stored, f32 accumulation, one rounding; GGUF
-// experts arrive decoded into scratch); the kind names the numerics, not the instruction. Block (m, n) computes a BM x BN tile of one expert, BM = 64 pairs per warpgroup.
+// Same contract as wmma.cu (products of x and w as stored, f32 accumulation, one rounding); the
+// kind names the numerics, not the instruction. Block (m, n) computes a BM x BN tile of one expert,
+// BM = 64 pairs per warpgroup; plan.h picks the tile.
 // Each K step of 64 is one 128-byte row per tile row, laid out in shared memory with the
 // 128-byte swizzle that wgmma's descriptors name, in a ring of STAGES buffers. x pieces (gathered
 // rows, zero-filled outside the tile) and weights arrive with cp.async, STAGES - 1 steps ahead.
@@ -9,13 +10,19 @@
 #include "common.cuh"
 #include "grouped_gemm.cuh"
 #include "kernels.h"
+#include "wgmma_common.cuh"
 #include "wgmma_ops.cuh"
 
 namespace jax_moe {
 namespace {
 
-constexpr int BK = 64;          // K elements per step: one 128-byte row of 16-bit values
-constexpr int kRowBytes = 128;  // bytes of one tile row per step (the swizzle width)
+using hop::BK;
+using hop::kRowBytes;
+using hop::cp_async16;
+using hop::cp_async_commit;
+using hop::cp_async_wait;
+using hop::smem_desc;
+using hop::swizzled;
 
 template <int WG_, int BN_, int STAGES_>
 struct HopperTile {
@@ -33,34 +40,6 @@ struct HopperTile {
 using WideTile = HopperTile<2, 256, 4>;    // 128 x 256, for many pairs per expert
 using NarrowTile = HopperTile<1, 256, 5>;  // 64 x 256, when the work is streaming the weights
 using SlimTile = HopperTile<1, 128, 8>;    // 64 x 128, when 64 x 256 tiles would leave SMs idle
-
-// Below this many 64 x 256 blocks (two per SM of an H200), the 64 x 128 tile is used.
-constexpr int64_t kSlimBlocks = 264;
-
-// Pairs per expert from which the wide tile is used.
-constexpr int64_t kWidePairsPerExpert = 128;
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Byte offset of 16-byte piece c of tile row r in the 128-byte swizzled layout: within each
-// 1024-byte atom of 8 rows, piece c of row r sits at position c ^ r.
-__device__ __forceinline__ uint32_t swizzled(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
-
-// Matrix descriptor of a K-major operand in that layout: start address, leading byte offset
-// (unused with swizzling, 1 by convention), stride byte offset 1024 (from one 8-row atom to the
-// next), layout type 1 = 128-byte swizzle.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return (uint64_t{(addr & 0x3FFFF) >> 4}) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
-}
 
 template <DType D, class C>
 __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a) {
@@ -86,10 +65,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
   // Pairs and scores of the tile's rows, for the epilogue.
   __shared__ int64_t pair_of[C::BM];
   __shared__ float score_of[C::BM];
-  for (int r = tid; r < C::BM; r += C::THREADS) {
-    pair_of[r] = r < rows ? a.perm[row0 + r] : -1;
-    score_of[r] = pair_of[r] < 0 ? 0.0f : load_as_float(a.scores, pair_of[r], a.score_dtype);
-  }
+  hop::tile_pairs<C::BM>(a, row0, rows, pair_of, score_of);
 
   const auto* w = static_cast<const uint16_t*>(a.w);
   const int KT = static_cast<int>((a.K + BK - 1) / BK);
@@ -99,7 +75,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
 #pragma unroll
     for (int i = 0; i < C::BN / 2; ++i) acc[i] = 0.0f;
 
-    __syncthreads();  // the previous tile's epilogue is done with the ring
+    __syncthreads();  // every thread has read pair_of / score_of (first tile) before the loop
     // Step kt computes once its pieces landed; the first AHEAD rounds only load.
     for (int kt = -AHEAD; kt < KT; ++kt) {
       if (kt >= 0) {
@@ -137,28 +113,11 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
       if (kt >= 0) asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
 
-    // Epilogue: the accumulators go through shared memory (the ring, now idle) so that each warp
-    // then writes whole rows. Register i holds row 16 * warp + lane / 4 + 8 * ((i / 2) % 2) of
-    // this warpgroup's 64, column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
-    __syncthreads();  // every warpgroup's tensor cores are done reading the ring
-    float* stage = reinterpret_cast<float*>(smem_raw + (ring - raw));
-    const int r0 = wg * 64 + warp * 16 + lane / 4;
-#pragma unroll
-    for (int j = 0; j < C::BN / 8; ++j) {
-      const int c = j * 8 + 2 * (lane % 4);
-      *reinterpret_cast<float2*>(stage + r0 * C::LD + c) = make_float2(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<float2*>(stage + (r0 + 8) * C::LD + c) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-    }
-    __syncthreads();
-    constexpr int PER_ROW = C::BN / 8;  // threads per row, 8 columns each
-#pragma unroll 1
-    for (int i = tid; i < C::BM * PER_ROW; i += C::THREADS) {
-      const int r = i / PER_ROW, c = (i % PER_ROW) * 8;
-      store_row8(a, pair_of[r], score_of[r], n0 + c, stage + r * C::LD + c);
-    }
+    hop::epilogue<C::BM, C::BN, C::THREADS>(a, acc, reinterpret_cast<float*>(smem_raw + (ring - raw)), pair_of,
+                                           score_of, n0);
   }
 #else
-  __trap();  // launched only where the device and the build have sm_90a (wgmma_device)
+  __trap();  // launched only where the device and the build have sm_90a (plan.h: CudaDevice::hopper)
 #endif
 }
 
@@ -172,41 +131,21 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
   return launch_error("grouped_wgmma_kernel");
 }
 
-bool wide(const MoeProblem& p) { return p.pairs() >= kWidePairsPerExpert * std::max<int64_t>(p.E, 1); }
-
-// 64 x 256 tiles for so few blocks that some SMs would idle: 64 x 128 ones instead.
-bool slim(const MoeProblem& p) {
-  return !wide(p) && max_m_tiles(p, NarrowTile::BM) * ((p.N + NarrowTile::BN - 1) / NarrowTile::BN) < kSlimBlocks;
-}
-
 template <DType D>
-std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
-  if (wide(p)) return launch_tile<D, WideTile>(p, a, stream);
-  return slim(p) ? launch_tile<D, SlimTile>(p, a, stream) : launch_tile<D, NarrowTile>(p, a, stream);
+std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
+  switch (tile) {
+    case GemmTile::kWide128x256: return launch_tile<D, WideTile>(p, a, stream);
+    case GemmTile::kNarrow64x256: return launch_tile<D, NarrowTile>(p, a, stream);
+    case GemmTile::kSlim64x128: return launch_tile<D, SlimTile>(p, a, stream);
+    default: return "internal: grouped_wgmma_kernel has no tile " + std::to_string(static_cast<int>(tile));
+  }
 }
 
 }  // namespace
 
-bool wgmma_device() {
-#if defined(JAX_MOE_HAS_SM90A)
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    cudaGetLastError();  // leave no sticky error behind; the WMMA path serves
-    return false;
-  }
-  return major == 9 && minor == 0;
-#else
-  return false;
-#endif
-}
-
-int wgmma_tile_m(const MoeProblem& p) { return wide(p) ? WideTile::BM : NarrowTile::BM; }
-
-std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
-  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, stream)
-                                 : launch_for_dtype<DType::BF16>(p, a, stream);
+std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, const CudaPlan& plan, cudaStream_t stream) {
+  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, plan.tile, stream)
+                                 : launch_for_dtype<DType::BF16>(p, a, plan.tile, stream);
 }
 
 }  // namespace jax_moe

@@ -1,14 +1,15 @@
 // WMMA and WMMA_GGUF: a grouped GEMM on tensor cores (16x16x16 tiles, f32 accumulation).
 //
-// Two tile shapes: 128x128 for many pairs per expert, and 32x256 ("skinny") when each expert sees
-// few pairs and the work is streaming its weights. GGUF experts are first decoded once into
-// scratch (rounded to x's dtype) and the dense GEMM runs on them.
+// Two tile shapes (plan.h): 128x128 for many pairs per expert, and 32x256 ("skinny") when each
+// expert sees few pairs and the work is streaming its weights. GGUF blocks are decoded (ggml's
+// formulas, rounded once to x's dtype) by the loader into the registers that go to shared memory.
+// This is the portable path (any tensor-core GPU); Hopper runs wgmma.cu / wgmma_gguf.cu.
 //
 // Pairs are grouped by expert (grouping.cu). Block (m, n) computes a BM x BN tile of one expert:
 // BM pairs of that expert against BN weight rows, over K in steps of BK. Tiles go through a
 // double-buffered shared-memory pipeline: each thread loads its 16-byte pieces of the next step
 // into registers while the tensor cores work on the current one. The weight loader decides how a
-// piece is made: copied from dense experts, in either layout. The epilogue multiplies by the routing
+// piece is made: copied from dense experts, in either layout, or decoded from GGUF blocks. The epilogue multiplies by the routing
 // score and writes the output (or, when reducing, the per-pair f32 partial).
 #include <mma.h>
 
@@ -39,9 +40,6 @@ struct Tile {
 using LargeTile = Tile<128, 128, 2>;
 using SkinnyTile = Tile<32, 256, 1>;
 
-// Pairs per expert below which the skinny tile is used.
-constexpr int64_t kSkinnyPairsPerExpert = 64;
-
 // 8 consecutive K elements packed as a 16-byte vector of the activation dtype.
 union Piece {
   uint4 v;
@@ -71,6 +69,28 @@ struct DenseEKN {
     const auto* w = static_cast<const uint16_t*>(a.w);
 #pragma unroll
     for (int i = 0; i < 8; ++i) p.h[i] = (n < a.N && k0 + i < a.K) ? w[(e * a.K + k0 + i) * a.N + n] : 0;
+    return p;
+  }
+};
+
+// GGUF experts [E, N, row_bytes]: K is a multiple of the block size (32 or 256), so a piece of 8
+// inside [0, K) lies in one sub-block.
+template <class F>
+struct GgufENK {
+  template <DType D>
+  static __device__ __forceinline__ Piece load(const GemmArgs& a, int64_t e, int64_t n, int64_t k0) {
+    Piece p;
+    if (n >= a.N || k0 >= a.K) {
+      p.v = make_uint4(0, 0, 0, 0);
+      return p;
+    }
+    const auto* blocks = reinterpret_cast<const typename F::Block*>(static_cast<const uint8_t*>(a.w) +
+                                                                    (e * a.N + n) * a.row_bytes);
+    const typename F::Block& blk = blocks[k0 / F::QK];
+    const int i0 = static_cast<int>(k0 % F::QK);
+    float sc, mn;
+    F::scale_min(blk, i0 / F::SUB, sc, mn);
+    p.v = decode8_rounded<F, D>(blk, i0, sc, mn);
     return p;
   }
 };
@@ -195,21 +215,6 @@ __global__ void __launch_bounds__(THREADS) grouped_wmma_kernel(GemmArgs a) {
   }
 }
 
-// Decode GGUF experts [E, N, K] into x's dtype (ggml's formulas, one rounding), 8 per thread.
-template <class F, DType D>
-__global__ void decode_experts_kernel(const uint8_t* w, int64_t rows, int64_t K, int64_t row_bytes, uint16_t* out) {
-  const int64_t pieces = rows * (K / 8);
-  for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < pieces; p += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t row = p / (K / 8), k0 = (p % (K / 8)) * 8;
-    const auto* blocks = reinterpret_cast<const typename F::Block*>(w + row * row_bytes);
-    const typename F::Block& blk = blocks[k0 / F::QK];
-    const int i0 = static_cast<int>(k0 % F::QK);
-    float sc, mn;
-    F::scale_min(blk, i0 / F::SUB, sc, mn);
-    *reinterpret_cast<uint4*>(out + row * K + k0) = decode8_rounded<F, D>(blk, i0, sc, mn);
-  }
-}
-
 template <DType D, class C>
 std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_m_tiles(p, C::BM)), grid_y((p.N + C::BN - 1) / C::BN));
@@ -218,73 +223,31 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
     grouped_wmma_kernel<D, decltype(loader), C><<<grid, THREADS, 0, stream>>>(a);
     err = launch_error("grouped_wmma_kernel");
   };
-  if (p.layout == WeightLayout::ENK) go(DenseENK{}); else go(DenseEKN{});
-  return err;
-}
-
-// Decode the GGUF experts once into scratch (x's dtype) and point the GEMM at them; the scratch
-// region is 256-byte aligned, so the pieces stay 16-byte aligned (a.vec holds).
-template <DType D>
-std::string decode_experts(const MoeProblem& p, GemmArgs& a, uint8_t* scratch, const ScratchLayout& s,
-                           cudaStream_t stream) {
-  auto* out = reinterpret_cast<uint16_t*>(scratch + s.decoded);
-  const int64_t pieces = p.E * p.N * (p.K / 8);
-  std::string err;
-  if (pieces > 0) {
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((pieces + 255) / 256, 1 << 20));
-    dispatch_format(p.wtype, [&](auto fmt) {
-      decode_experts_kernel<decltype(fmt), D><<<grid, 256, 0, stream>>>(
-          static_cast<const uint8_t*>(a.w), p.E * p.N, p.K, p.row_bytes(), out);
-      err = launch_error("decode_experts_kernel");
-    });
-  }
-  a.w = out;
-  return err;
-}
-
-bool skinny(const MoeProblem& p) { return p.pairs() < kSkinnyPairsPerExpert * std::max<int64_t>(p.E, 1); }
-
-template <DType D>
-std::string launch_for_dtype(const MoeProblem& p, GemmArgs a, bool hopper, uint8_t* scratch,
-                             const ScratchLayout& s, cudaStream_t stream) {
   if (p.kind == MoeKind::WMMA_GGUF) {
-    if (!gguf_decode_first(p.kind, p.T, p.k, p.E))  // the GEMV serves every other size
-      return "internal: WMMA_GGUF reached the grouped GEMM below the decode-first size";
-    if (auto err = decode_experts<D>(p, a, scratch, s, stream); !err.empty()) return err;
+    if (!dispatch_format(p.wtype, [&](auto fmt) { go(GgufENK<decltype(fmt)>{}); }))
+      return "internal: grouped_wmma_kernel has no GGUF format " + std::to_string(static_cast<int>(p.wtype));
+  } else if (p.layout == WeightLayout::ENK) {
+    go(DenseENK{});
+  } else {
+    go(DenseEKN{});
   }
-  if (hopper) return launch_wgmma(p, a, stream);
-  return skinny(p) ? launch_tile<D, SkinnyTile>(p, a, stream) : launch_tile<D, LargeTile>(p, a, stream);
+  return err;
+}
+
+template <DType D>
+std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
+  switch (tile) {
+    case GemmTile::kWmma128x128: return launch_tile<D, LargeTile>(p, a, stream);
+    case GemmTile::kWmmaSkinny32x256: return launch_tile<D, SkinnyTile>(p, a, stream);
+    default: return "internal: grouped_wmma_kernel has no tile " + std::to_string(static_cast<int>(tile));
+  }
 }
 
 }  // namespace
 
-std::string launch_wmma(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
-                        const ScratchLayout& s, bool hopper_device, cudaStream_t stream) {
-  const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
-                   (p.kind != MoeKind::WMMA || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);
-  const bool hopper = hopper_device && vec && p.layout == WeightLayout::ENK;
-  const int tile_m = hopper ? wgmma_tile_m(p) : skinny(p) ? SkinnyTile::BM : LargeTile::BM;
-  if (auto e = group_pairs_by_expert(p, b.ids, scratch, s, tile_m, stream); !e.empty()) return e;
-  if (p.pairs() == 0 || p.N == 0) return {};
-  GemmArgs a{};
-  a.x = b.x;
-  a.w = b.w;
-  a.scores = b.scores;
-  a.out = p.reduce ? nullptr : b.out;
-  a.partial = p.reduce ? reinterpret_cast<float*>(scratch + s.partial) : nullptr;
-  a.offsets = reinterpret_cast<const int32_t*>(scratch + s.offsets);
-  a.tile_start = reinterpret_cast<const int32_t*>(scratch + s.tile_start);
-  a.perm = reinterpret_cast<const int32_t*>(scratch + s.perm);
-  a.T = p.T; a.k = p.k; a.N = p.N; a.K = p.K; a.E = p.E;
-  a.row_bytes = p.kind == MoeKind::WMMA_GGUF ? p.row_bytes() : 0;
-  a.score_dtype = p.score_dtype;
-  a.out_dtype = p.out_dtype;
-  a.x_per_pair = p.x_per_pair;
-  a.vec = vec;
-  a.vec_out = p.N % 8 == 0 && (p.reduce || ((p.out_dtype == DType::BF16 || p.out_dtype == DType::F16) &&
-                                              reinterpret_cast<uintptr_t>(b.out) % 16 == 0));
-  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, hopper, scratch, s, stream)
-                                 : launch_for_dtype<DType::BF16>(p, a, hopper, scratch, s, stream);
+std::string launch_wmma(const MoeProblem& p, const GemmArgs& a, const CudaPlan& plan, cudaStream_t stream) {
+  return p.x_dtype == DType::F16 ? launch_for_dtype<DType::F16>(p, a, plan.tile, stream)
+                                 : launch_for_dtype<DType::BF16>(p, a, plan.tile, stream);
 }
 
 }  // namespace jax_moe

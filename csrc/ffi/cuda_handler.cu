@@ -21,14 +21,11 @@ static ffi::Error MoeMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::
     return err;
   if (scratch->element_type() != ffi::DataType::U8 || scratch->dimensions().size() != 1)
     return invalid("the scratch result must be a 1-D uint8 buffer");
-  if (p.kind != MoeKind::SCALAR_GGUF && p.x_dtype == DType::BF16) {
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess &&
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major < 8)
-      return invalid("bfloat16 tensor-core kinds need a GPU of compute capability 8.0 or newer");
-  }
+  const CudaDevice dev = current_device();
+  if (p.kind != MoeKind::SCALAR_GGUF && p.x_dtype == DType::BF16 && dev.cc_major > 0 && dev.cc_major < 8)
+    return invalid("bfloat16 tensor-core kinds need a GPU of compute capability 8.0 or newer");
   const MoeBuffers b = buffers_of(x, ids, w, scores, *out);
-  const std::string err = moe_forward_cuda(p, b, static_cast<uint8_t*>(scratch->untyped_data()),
+  const std::string err = moe_forward_cuda(p, b, dev, static_cast<uint8_t*>(scratch->untyped_data()),
                                            scratch->size_bytes(), stream);
   if (err.rfind("scratch buffer", 0) == 0) return invalid(err);
   if (!err.empty()) return ffi::Error::Internal("jax_moe.moe_matmul (cuda): " + err);

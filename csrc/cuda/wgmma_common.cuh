@@ -1,0 +1,89 @@
+// What the Hopper grouped GEMMs (wgmma.cu for dense experts, wgmma_gguf.cu for GGUF experts)
+// share: cp.async, the 128-byte swizzled K-major tile layout and its wgmma descriptors, and the
+// epilogue through shared memory. Device code for sm_90a; callers guard the kernels' bodies with
+// __CUDA_ARCH_FEAT_SM90_ALL.
+#pragma once
+
+#include <cstdint>
+
+#include "grouped_gemm.cuh"
+
+namespace jax_moe {
+namespace hop {
+
+constexpr int BK = 64;          // K elements per step: one 128-byte row of 16-bit values
+constexpr int kRowBytes = 128;  // bytes of one tile row per step (the swizzle width)
+
+// 16-byte asynchronous copy global -> shared; src_bytes < 16 reads that many and zero-fills the rest.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  cp_async16(dst, src, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Shared memory written by the threads (or cp.async) becomes visible to the tensor cores' reads.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Byte offset of 16-byte piece c of tile row r in the 128-byte swizzled layout: within each
+// 1024-byte atom of 8 rows, piece c of row r sits at position c ^ r.
+__device__ __forceinline__ uint32_t swizzled(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
+
+// Matrix descriptor of a K-major operand in that layout: start address, leading byte offset
+// (unused with swizzling, 1 by convention), stride byte offset 1024 (from one 8-row atom to the
+// next), layout type 1 = 128-byte swizzle.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return (uint64_t{(addr & 0x3FFFF) >> 4}) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// The tile's pairs and their scores, for the epilogue (rows past `rows` get pair -1).
+template <int BM>
+__device__ __forceinline__ void tile_pairs(const GemmArgs& a, int64_t row0, int64_t rows, int64_t* pair_of,
+                                           float* score_of) {
+  for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    pair_of[r] = r < rows ? a.perm[row0 + r] : -1;
+    score_of[r] = pair_of[r] < 0 ? 0.0f : load_as_float(a.scores, pair_of[r], a.score_dtype);
+  }
+}
+
+// Epilogue of a BM x BN tile whose accumulators are split over BM / 64 warpgroups (m64nBN each):
+// through shared memory `stage` (BM x (BN + 8) floats, idle ring space) so that each warp then
+// writes whole rows with 16-byte stores. Register i holds row 16 * warp + lane / 4 + 8 * ((i / 2) % 2)
+// of the warpgroup's 64, column 8 * (i / 4) + 2 * (lane % 4) + i % 2. Starts and ends with a barrier.
+template <int BM, int BN, int THREADS>
+__device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[BN / 2], float* stage,
+                                         const int64_t* pair_of, const float* score_of, int64_t n0) {
+  constexpr int LD = BN + 8;
+  const int tid = threadIdx.x, wgi = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  __syncthreads();  // every warpgroup's tensor cores are done reading the ring
+  const int r0 = wgi * 64 + warp * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int c = j * 8 + 2 * (lane % 4);
+    *reinterpret_cast<float2*>(stage + r0 * LD + c) = make_float2(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<float2*>(stage + (r0 + 8) * LD + c) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+  __syncthreads();
+  constexpr int PER_ROW = BN / 8;  // threads per row, 8 columns each
+#pragma unroll 1
+  for (int i = tid; i < BM * PER_ROW; i += THREADS) {
+    const int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+    store_row8(a, pair_of[r], score_of[r], n0 + c, stage + r * LD + c);
+  }
+  __syncthreads();  // the staging area is free again
+}
+
+}  // namespace hop
+}  // namespace jax_moe

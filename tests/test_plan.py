@@ -1,0 +1,83 @@
+"""The CUDA plan (csrc/cuda/plan.h): which kernel and tile a call runs, and the scratch it needs.
+These ask the CUDA module's host functions and need no GPU (they skip only where the module was
+not built)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jax_moe import GGMLType, MoeKind, _ext
+
+pytestmark = pytest.mark.skipif(_ext.cuda is None, reason="built without the CUDA module")
+
+ENK, EKN = 0, 1
+BF16 = int(GGMLType.BF16)
+Q4_K = int(GGMLType.Q4_K)
+MIXTRAL = dict(E=8, k=2, N=2 * 14336, K=4096)
+QWEN3 = dict(E=128, k=8, N=2 * 768, K=2048)
+
+
+def plan(kind: MoeKind, wtype: int, T: int, *, E: int, k: int, N: int, K: int, layout: int = ENK,
+         reduce: bool = True, x_per_pair: bool = False, device: str) -> str:
+    x_rows = T * k if x_per_pair else T
+    return _ext.cuda.plan_description(int(kind), wtype, layout, T, k, E, N, K, x_rows, reduce, device)
+
+
+def scratch(kind: MoeKind, wtype: int, T: int, *, E: int, k: int, N: int, K: int, layout: int = ENK,
+            reduce: bool = True) -> int:
+    return int(_ext.cuda.scratch_bytes(int(kind), wtype, layout, T, k, E, N, K, T, reduce))
+
+
+@pytest.mark.parametrize("device", ["hopper", "generic"])
+@pytest.mark.parametrize("shape", [MIXTRAL, QWEN3])
+def test_decode_time_calls_run_the_token_gemv(device, shape):
+    for kind, wtype in [(MoeKind.WMMA, BF16), (MoeKind.WMMA_GGUF, Q4_K), (MoeKind.SCALAR_GGUF, Q4_K)]:
+        for T in (1, 2, 4):
+            assert plan(kind, wtype, T, device=device, **shape) == "token_gemv"
+    # SCALAR_GGUF has no tensor-core kernel: the GEMV at every size.
+    assert plan(MoeKind.SCALAR_GGUF, Q4_K, 4096, device=device, **shape) == "token_gemv"
+
+
+def test_hopper_runs_wgmma_and_decodes_gguf_inside_the_gemm():
+    assert plan(MoeKind.WMMA, BF16, 4096, device="hopper", **MIXTRAL) == "grouped_wgmma 128x256"
+    assert plan(MoeKind.WMMA, BF16, 64, device="hopper", **MIXTRAL) == "grouped_wgmma 64x256"
+    assert plan(MoeKind.WMMA_GGUF, Q4_K, 64, device="hopper", **MIXTRAL) == "grouped_wgmma_gguf 64x128"
+    assert plan(MoeKind.WMMA_GGUF, Q4_K, 4096, device="hopper", **MIXTRAL) == "grouped_wgmma_gguf 128x128"
+    assert plan(MoeKind.WMMA_GGUF, Q4_K, 4096, device="hopper", **QWEN3) == "grouped_wgmma_gguf 128x128"
+    # Few blocks of 64 x 256: the 64 x 128 tile keeps every SM busy.
+    assert plan(MoeKind.WMMA, BF16, 16, device="hopper", E=16, k=2, N=512, K=1024) == "grouped_wgmma 64x128"
+    # [E, K, N] weights have no wgmma kernel: the portable WMMA GEMM, at every T.
+    assert plan(MoeKind.WMMA, BF16, 2, device="hopper", layout=EKN, **MIXTRAL).startswith("grouped_wmma ")
+
+
+def test_other_gpus_run_the_wmma_gemm():
+    assert plan(MoeKind.WMMA, BF16, 4096, device="generic", **MIXTRAL) == "grouped_wmma 128x128"
+    assert plan(MoeKind.WMMA_GGUF, Q4_K, 64, device="generic", **MIXTRAL) == "grouped_wmma 32x256"
+    # Up to 2 pairs per expert the GEMV serves there (1 on Hopper).
+    assert plan(MoeKind.WMMA, BF16, 8, device="generic", **MIXTRAL) == "token_gemv"
+    assert plan(MoeKind.WMMA, BF16, 8, device="hopper", **MIXTRAL).startswith("grouped_wgmma")
+
+
+@pytest.mark.parametrize("shape", [MIXTRAL, QWEN3, dict(E=256, k=8, N=2 * 2048, K=7168)])
+@pytest.mark.parametrize("T", [8, 64, 512, 4096])
+@pytest.mark.parametrize("reduce", [True, False])
+def test_gguf_scratch_holds_no_copy_of_the_experts(shape, T, reduce):
+    E, k, N, K = shape["E"], shape["k"], shape["N"], shape["K"]
+    got = scratch(MoeKind.WMMA_GGUF, Q4_K, T, reduce=reduce, **shape)
+    pairs = T * k
+    bookkeeping = 4 * (4 * E + 2 + pairs) + 5 * 256  # counts, offsets, tile starts, cursors, perm (+ alignment)
+    assert got <= (4 * pairs * N if reduce else 0) + bookkeeping
+    # It does not grow with K at all (a bf16 copy of the experts would: 15 GB for DeepSeek-V3).
+    assert scratch(MoeKind.WMMA_GGUF, Q4_K, T, reduce=reduce, **{**shape, "K": 4 * K}) == got
+    # Dense and GGUF experts need the same scratch: GGUF adds nothing.
+    assert got == scratch(MoeKind.WMMA, BF16, T, reduce=reduce, **shape)
+
+
+def test_token_gemv_needs_no_scratch():
+    assert scratch(MoeKind.WMMA, BF16, 1, **MIXTRAL) == 0
+    assert scratch(MoeKind.WMMA_GGUF, Q4_K, 4, **QWEN3) == 0
+
+
+def test_unknown_device_class_is_refused():
+    with pytest.raises(ValueError, match="device must be"):
+        plan(MoeKind.WMMA, BF16, 8, device="volta", **MIXTRAL)
