@@ -58,10 +58,11 @@ __device__ __forceinline__ void tile_pairs(const GemmArgs& a, int64_t row0, int6
   }
 }
 
-// Epilogue of a BM x BN tile whose accumulators are split over BM / 64 warpgroups (m64nBN each):
-// through shared memory `stage` (BM x (BN + 8) floats, idle ring space) so that each warp then
-// writes whole rows with 16-byte stores. Register i holds row 16 * warp + lane / 4 + 8 * ((i / 2) % 2)
-// of the warpgroup's 64, column 8 * (i / 4) + 2 * (lane % 4) + i % 2. Starts and ends with a barrier.
+// Epilogue of a BM x BN tile whose accumulators are split over the first BM / 64 warpgroups
+// (m64nBN each; further warpgroups hold none): through shared memory `stage` (BM x (BN + 8)
+// floats, idle ring space) so that each warp then writes whole rows with 16-byte stores. Register
+// i holds row 16 * warp + lane / 4 + 8 * ((i / 2) % 2) of the warpgroup's 64, column
+// 8 * (i / 4) + 2 * (lane % 4) + i % 2. Starts and ends with a barrier.
 template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[BN / 2], float* stage,
                                          const int64_t* pair_of, const float* score_of, int64_t n0) {
@@ -71,6 +72,7 @@ __device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[B
   const int r0 = wgi * 64 + warp * 16 + lane / 4;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
+    if (wgi >= BM / 64) break;
     const int c = j * 8 + 2 * (lane % 4);
     *reinterpret_cast<float2*>(stage + r0 * LD + c) = make_float2(acc[4 * j], acc[4 * j + 1]);
     *reinterpret_cast<float2*>(stage + (r0 + 8) * LD + c) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);

@@ -1,17 +1,21 @@
 // WMMA_GGUF on Hopper: the grouped GEMM on wgmma (sm_90a) with the GGUF blocks decoded inside it.
 //
-// The GEMM reads only the quantized bytes. Per block: a BM x 128 tile of one expert (BM = 64 pairs
-// per warpgroup), K in steps of 64. Three shared-memory regions:
+// The GEMM reads only the quantized bytes. Per block (256 threads, two warpgroups): a BM x 128 tile
+// of one expert (BM = 64 or 128 pairs; the first BM / 64 warpgroups run wgmma, every thread copies
+// and decodes), K in steps of 64. Shared memory holds
 //   - a ring of A_STAGES x tiles (gathered rows, 128-byte swizzle), cp.async AHEAD steps ahead;
-//   - a ring of RAW_STAGES raw stages: each holds, for the tile's 128 weight rows, the GGUF bytes of
-//     256 K elements (one super-block, or 8 blocks of 32), copied as stored with cp.async in
-//     16-byte pieces (a row's bytes keep their address mod 16, so every format's block alignment
-//     holds in shared memory as in global memory);
-//   - two bf16/f16 B tiles (128 rows x 64, swizzled): at step j the threads decode step j's 64 K
-//     elements of every row from the raw stage into B[j % 2] (ggml's formulas, one rounding:
-//     decode.cuh), while the tensor cores still work on step j - 1.
-// Numerics are those of the contract (DESIGN.md §4): weights decoded exactly and rounded once to
-// x's dtype, products and accumulation in f32, one rounding at the end (the epilogue is wgmma.cu's).
+//   - a ring of 2 raw stages: each holds, for the tile's 128 weight rows, the GGUF bytes of 256 K
+//     elements (one super-block, or 8 blocks of 32) as stored, copied with cp.async in 16-byte
+//     pieces from the 16-byte boundary below the row's bytes, so that every format's block
+//     alignment holds in shared memory as in global memory;
+//   - three B tiles (128 rows x 64 of x's dtype, swizzled): while the tensor cores work on step j,
+//     the threads decode step j + 1's 64 K elements of every row from the raw stage into
+//     B[(j + 1) % 3] (ggml's formulas, one rounding).
+// Each weight row belongs to two adjacent lanes of one warp, which copy its raw bytes and decode
+// it: they wait for their own copies and meet at __syncwarp, so one block-wide barrier per step
+// (making the decoded tile and the x pieces visible to the tensor cores) is all the step needs.
+// Numerics are the contract's (DESIGN.md §4): weights decoded exactly and rounded once to x's
+// dtype, products and accumulation in f32, one rounding at the end (wgmma_common.cuh's epilogue).
 #include "../common/gguf_formats.h"
 #include "common.cuh"
 #include "decode.cuh"
@@ -32,31 +36,52 @@ constexpr int kStepsPerSuper = kSuper / BK;  // K steps per raw stage
 
 constexpr int gcd16(int n) { return n % 16 == 0 ? 16 : n % 8 == 0 ? 8 : n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1; }
 
-template <class F, int WG_>
+template <class F, int MMA_WG_>
 struct GgufTile {
   using Block = typename F::Block;
-  static constexpr int BM = 64 * WG_, BN = 128, THREADS = 128 * WG_;
+  static constexpr int MMA_WG = MMA_WG_, BM = 64 * MMA_WG_, BN = 128, THREADS = 256;
   static constexpr int AHEAD = 3;             // K steps whose copies are in flight
   static constexpr int A_STAGES = AHEAD + 2;  // the slot step j + AHEAD fills was last read by wgmma j - 2
-  static constexpr int RAW_STAGES = 2;        // the stage super-step s + 2 fills was last decoded from at step 4s + 3
+  static constexpr int B_TILES = 3;           // the tile step j + 1 fills was last read by wgmma j - 2
+  static constexpr int RAW_STAGES = 2;        // the stage super-step s + 2 fills was last read at step 4s + 3
   static constexpr int BB = sizeof(Block);
   static constexpr int CHUNK = kSuper / F::QK * BB;  // bytes of one row per raw stage
   // A row's chunk starts at a multiple of gcd(BB, 16) (rows are whole blocks, the buffer is
   // 16-byte aligned): the copy starts at the 16-byte boundary below it.
   static constexpr int MAX_OFF = 16 - gcd16(BB);
-  static constexpr int RAW_ROW = (CHUNK + MAX_OFF % 16 + 15) / 16 * 16;
+  static constexpr int RAW_ROW = (CHUNK + MAX_OFF + 15) / 16 * 16;
   static constexpr int RAW_PIECES = RAW_ROW / 16;  // 16-byte copies per row
+  static constexpr int TPR = THREADS / BN;         // threads per weight row (adjacent lanes)
+  static constexpr int DP = 8 / TPR;               // B pieces each thread decodes per step
   static constexpr int A_BYTES = BM * kRowBytes, B_BYTES = BN * kRowBytes, RAW_BYTES = BN * RAW_ROW;
-  static constexpr int SMEM = A_STAGES * A_BYTES + 2 * B_BYTES + RAW_STAGES * RAW_BYTES + 1024;  // + alignment slack
+  static constexpr int SMEM = A_STAGES * A_BYTES + B_TILES * B_BYTES + RAW_STAGES * RAW_BYTES + 1024;  // + alignment
   static constexpr int AP = BM * 8 / THREADS;  // A pieces per thread and step
-  static constexpr int DP = BN * 8 / THREADS;  // B pieces each thread decodes per step
   static constexpr int ROW_STEP = THREADS / 8;
-  static_assert(kSuper % F::QK == 0 && F::SUB % 8 == 0, "a raw stage holds whole blocks; a piece one sub-block");
-  static_assert(AP * THREADS == BM * 8 && DP * THREADS == BN * 8, "pieces split evenly");
+  static_assert(kSuper % F::QK == 0 && F::SUB % 8 == 0 && (DP * 8) % F::SUB == 0,
+                "a raw stage holds whole blocks; a thread's pieces whole sub-blocks");
+  static_assert(AP * THREADS == BM * 8 && TPR * BN == THREADS && DP * TPR == 8, "pieces split evenly");
   static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
-  static_assert(BM * (BN + 8) * 4 <= A_STAGES * A_BYTES, "the epilogue's staging fits the x ring");
+  static_assert(BM * (BN + 8) * 4 <= A_STAGES * A_BYTES + B_TILES * B_BYTES, "the epilogue's staging fits");
   static_assert(SMEM <= 227 * 1024, "fits Hopper's shared memory");
 };
+
+// Elements i0 .. i0+7 of block b (one sub-block, scale a, min m) rounded once to D, packed. Equal to
+// decode8_rounded: for the formats with mins (Q2_K, Q4_K, Q5_K) a * q is exact in f32 (a = d * sc
+// has at most 11 + 6 significant bits, q at most 5), so fma(a, q, -m) rounds a * q - m once, as the
+// unfused expression does.
+template <class F, DType D>
+__device__ __forceinline__ uint4 decode8_fma(const typename F::Block& b, int i0, float a, float m) {
+  const uint64_t q = F::quant8(b, i0);
+  const uint32_t lo = static_cast<uint32_t>(q) ^ 0x80808080u, hi = static_cast<uint32_t>(q >> 32) ^ 0x80808080u;
+  float v[8];
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
+    const float qf = __fsub_rn(__uint_as_float(bits), 8388736.0f);  // exact: q
+    v[t] = F::HAS_MIN ? __fmaf_rn(a, qf, -m) : __fmul_rn(a, qf);
+  }
+  return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
+}
 
 template <class F, DType D, class C>
 __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmArgs a) {
@@ -66,7 +91,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
   const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t a_ring = (raw_addr + 1023u) & ~1023u;
   const uint32_t b_tiles = a_ring + C::A_STAGES * C::A_BYTES;
-  const uint32_t raw_ring = b_tiles + 2 * C::B_BYTES;
+  const uint32_t raw_ring = b_tiles + C::B_TILES * C::B_BYTES;
   uint8_t* const smem = smem_raw + (a_ring - raw_addr);  // generic pointer of a_ring
   uint8_t* const b_gen = smem + (b_tiles - a_ring);
   const uint8_t* const raw_gen = smem + (raw_ring - a_ring);
@@ -74,7 +99,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
   int64_t e, row0, rows;
   if (!find_tile<C::BM>(a, blockIdx.x, e, row0, rows)) return;
   const int tid = threadIdx.x, wgi = tid / 128;
-  const int piece = tid % 8, prow = tid / 8;  // this thread's piece column and first tile row
+  const bool mma = wgi < C::MMA_WG;           // warpgroup-uniform
+  const int piece = tid % 8, prow = tid / 8;  // this thread's x piece column and first tile row
+  const int wrow = tid / C::TPR, half = tid % C::TPR;  // the weight row this thread copies and decodes
 
   // x rows of this thread's A pieces (nullptr: no pair there, the piece is zero-filled).
   const auto* x = static_cast<const uint16_t*>(a.x);
@@ -97,10 +124,11 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
     float acc[C::BN / 2];
 #pragma unroll
     for (int i = 0; i < C::BN / 2; ++i) acc[i] = 0.0f;
-    __syncthreads();  // pair_of / score_of are written (first tile)
+    const bool row_in = n0 + wrow < a.N;
+    const uint8_t* const wr = w + (e * a.N + n0 + wrow) * a.row_bytes;  // this thread's weight row
 
-    // Copies of step j: its x pieces, and at the first step of a super-step the raw GGUF bytes of
-    // its 256 K elements for every row of the tile.
+    // Copies of step j: its x pieces, and at the first step of a super-step this thread's share of
+    // its weight row's raw bytes for those 256 K elements.
     auto copy_step = [&](int j) {
       const int64_t k0 = int64_t{j} * BK;
       const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES;
@@ -110,47 +138,43 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
         const bool ok = k_in && xsrc[i] != nullptr;
         hop::cp_async16(sa + swizzled(prow + i * C::ROW_STEP, piece), ok ? xsrc[i] + k0 : a.x, ok);
       }
-      if (j % kStepsPerSuper != 0) return;
+      if (j % kStepsPerSuper != 0 || !row_in) return;
       const int64_t s = j / kStepsPerSuper;
       const int64_t kbeg = s * kSuper;
-      const int64_t len = (a.K - kbeg < kSuper ? a.K - kbeg : kSuper) / F::QK * C::BB;  // this chunk's bytes
-      const uint32_t dst = raw_ring + static_cast<uint32_t>(s % C::RAW_STAGES) * C::RAW_BYTES;
-#pragma unroll 1
-      for (int q = tid; q < C::BN * C::RAW_PIECES; q += C::THREADS) {
-        const int r = q / C::RAW_PIECES, pc = q % C::RAW_PIECES;
-        if (n0 + r >= a.N) continue;
-        const uint8_t* chunk = w + (e * a.N + n0 + r) * a.row_bytes + kbeg / F::QK * C::BB;
-        const int off = static_cast<int>(reinterpret_cast<uintptr_t>(chunk) & 15);
-        if (16 * pc >= off + len) continue;  // past this row's chunk
-        const uint8_t* src = chunk - off + 16 * pc;
-        const int64_t left = w_end - src;  // never read past the weights
-        hop::cp_async16(dst + r * C::RAW_ROW + 16 * pc, src, static_cast<int>(left < 16 ? left : 16));
+      const int len = static_cast<int>((a.K - kbeg < kSuper ? a.K - kbeg : kSuper) / F::QK * C::BB);
+      const uint8_t* chunk = wr + kbeg / F::QK * C::BB;
+      const int off = static_cast<int>(reinterpret_cast<uintptr_t>(chunk) & 15);
+      const uint8_t* src = chunk - off;
+      const uint32_t dst = raw_ring + static_cast<uint32_t>(s % C::RAW_STAGES) * C::RAW_BYTES + wrow * C::RAW_ROW;
+#pragma unroll
+      for (int pc = half; pc < C::RAW_PIECES; pc += C::TPR) {
+        if (16 * pc >= off + len) break;  // past this row's chunk
+        const int64_t left = w_end - (src + 16 * pc);  // never read past the weights
+        hop::cp_async16(dst + 16 * pc, src + 16 * pc, static_cast<int>(left < 16 ? left : 16));
       }
     };
 
-    // Step j's B tile: every row's 64 K elements decoded from the raw stage into B[j % 2].
+    // Step j's B tile: this thread's pieces of its weight row decoded from the raw stage.
     auto decode_step = [&](int j) {
       const int64_t s = j / kStepsPerSuper;
-      const int kl = (j % kStepsPerSuper) * BK;  // first K element of the step inside the chunk
-      const uint8_t* stage = raw_gen + (s % C::RAW_STAGES) * C::RAW_BYTES;
-      uint8_t* bt = b_gen + (j % 2) * C::B_BYTES;
+      uint8_t* bt = b_gen + (j % C::B_TILES) * C::B_BYTES;
+      const uint8_t* chunk = wr + s * (kSuper / F::QK) * C::BB;
+      const uint8_t* mine = raw_gen + (s % C::RAW_STAGES) * C::RAW_BYTES + wrow * C::RAW_ROW +
+                            (reinterpret_cast<uintptr_t>(chunk) & 15);
+      const int kc0 = (j % kStepsPerSuper) * BK + half * C::DP * 8;  // first K element inside the chunk
+      const bool k_in = int64_t{j} * BK + half * C::DP * 8 < a.K;  // pieces come in whole sub-blocks
 #pragma unroll
-      for (int i = 0; i < C::DP; ++i) {
-        const int r = prow + i * C::ROW_STEP;
-        const int64_t n = n0 + r;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (n < a.N && int64_t{j} * BK + piece * 8 < a.K) {
-          const uintptr_t chunk = reinterpret_cast<uintptr_t>(w + (e * a.N + n) * a.row_bytes) +
-                                  static_cast<uintptr_t>(s * (kSuper / F::QK) * C::BB);
-          const int kc = kl + piece * 8;
-          const auto& blk =
-              *reinterpret_cast<const Block*>(stage + r * C::RAW_ROW + (chunk & 15) + (kc / F::QK) * C::BB);
-          const int i0 = kc % F::QK;
-          float sc, mn;
-          F::scale_min(blk, i0 / F::SUB, sc, mn);
-          v = decode8_rounded<F, D>(blk, i0, sc, mn);
+      for (int g = 0; g < C::DP; g += F::SUB / 8) {  // one sub-block: one scale and min
+        const int kc = kc0 + g * 8;
+        const auto& blk = *reinterpret_cast<const Block*>(mine + (kc / F::QK) * C::BB);
+        float sc = 0.0f, mn = 0.0f;
+        if (row_in && k_in) F::scale_min(blk, (kc % F::QK) / F::SUB, sc, mn);
+#pragma unroll
+        for (int p = g; p < g + F::SUB / 8; ++p) {
+          const uint4 v = row_in && k_in ? decode8_fma<F, D>(blk, (kc % F::QK) + (p - g) * 8, sc, mn)
+                                         : make_uint4(0, 0, 0, 0);
+          *reinterpret_cast<uint4*>(bt + swizzled(wrow, half * C::DP + p)) = v;
         }
-        *reinterpret_cast<uint4*>(bt + swizzled(r, piece)) = v;
       }
     };
 
@@ -159,25 +183,34 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
       if (j < KT) copy_step(j);
       hop::cp_async_commit();
     }
+    hop::cp_async_wait<C::AHEAD - 1>();  // this thread's copies of step 0 landed
+    __syncwarp();                         // and its row partner's
+    decode_step(0);
+    hop::fence_async_smem();
+    __syncthreads();  // B[0] and the x pieces of step 0 are visible to the tensor cores
 #pragma unroll 1
     for (int j = 0; j < KT; ++j) {
-      hop::cp_async_wait<C::AHEAD - 1>();  // this thread's copies of steps <= j landed
-      __syncthreads();  // everyone's copies landed; wgmma j - 2 is done in every warpgroup
-      decode_step(j);
-      hop::fence_async_smem();  // the decoded tile and the copied x pieces are visible to the tensor cores
-      __syncthreads();
-      const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES + wgi * 64 * kRowBytes;
-      const uint32_t sb = b_tiles + (j % 2) * C::B_BYTES;
-      hop::wgmma_fence();
+      if (mma) {
+        const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES + wgi * 64 * kRowBytes;
+        const uint32_t sb = b_tiles + (j % C::B_TILES) * C::B_BYTES;
+        hop::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)
-        Wgmma<D, C::BN>::mma(acc, hop::smem_desc(sa + kk * 32), hop::smem_desc(sb + kk * 32));
-      hop::wgmma_commit();
+        for (int kk = 0; kk < BK / 16; ++kk)
+          Wgmma<D, C::BN>::mma(acc, hop::smem_desc(sa + kk * 32), hop::smem_desc(sb + kk * 32));
+        hop::wgmma_commit();
+      }
       if (j + C::AHEAD < KT) copy_step(j + C::AHEAD);
       hop::cp_async_commit();
-      hop::wgmma_wait<1>();  // wgmma j - 1 is done: its x slot and B tile may be refilled after the next barrier
+      if (mma) hop::wgmma_wait<1>();  // wgmma j - 1 is done: its x slot and B tile are free
+      if (j + 1 < KT) {
+        hop::cp_async_wait<C::AHEAD - 1>();  // this thread's copies of step j + 1 landed
+        __syncwarp();
+        decode_step(j + 1);
+        hop::fence_async_smem();
+      }
+      __syncthreads();  // B[(j + 1) % 3] and step j + 1's x pieces are visible; every wgmma <= j - 1 is done
     }
-    hop::wgmma_wait<0>();
+    if (mma) hop::wgmma_wait<0>();
     hop::epilogue<C::BM, C::BN, C::THREADS>(a, acc, reinterpret_cast<float*>(smem), pair_of, score_of, n0);
   }
 #else
