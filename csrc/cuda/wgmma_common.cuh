@@ -36,6 +36,14 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
+// Keeps the compiler from touching the accumulators between a wgmma's issue and its wait (as
+// CUTLASS's warpgroup_fence_operand): without it ptxas waits for each wgmma before the next.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&acc)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
+
 // Byte offset of 16-byte piece c of tile row r in the 128-byte swizzled layout: within each
 // 1024-byte atom of 8 rows, piece c of row r sits at position c ^ r.
 __device__ __forceinline__ uint32_t swizzled(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }

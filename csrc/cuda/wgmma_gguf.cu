@@ -1,21 +1,24 @@
 // WMMA_GGUF on Hopper: the grouped GEMM on wgmma (sm_90a) with the GGUF blocks decoded inside it.
 //
-// The GEMM reads only the quantized bytes. Per block (256 threads, two warpgroups): a BM x 128 tile
-// of one expert (BM = 64 or 128 pairs; the first BM / 64 warpgroups run wgmma, every thread copies
-// and decodes), K in steps of 64. Shared memory holds
+// The GEMM reads only the quantized bytes. Per block (128 threads per warpgroup, BM = 64 pairs per
+// warpgroup): a BM x 128 tile of one expert, K in steps of 64. Shared memory holds
 //   - a ring of A_STAGES x tiles (gathered rows, 128-byte swizzle), cp.async AHEAD steps ahead;
-//   - a ring of 2 raw stages: each holds, for the tile's 128 weight rows, the GGUF bytes of 256 K
+//   - a ring of raw stages: each holds, for the tile's 128 weight rows, the GGUF bytes of 256 K
 //     elements (one super-block, or 8 blocks of 32) as stored, copied with cp.async in 16-byte
 //     pieces from the 16-byte boundary below the row's bytes, so that every format's block
 //     alignment holds in shared memory as in global memory;
-//   - three B tiles (128 rows x 64 of x's dtype, swizzled): while the tensor cores work on step j,
-//     the threads decode step j + 1's 64 K elements of every row from the raw stage into
-//     B[(j + 1) % 3] (ggml's formulas, one rounding).
-// Each weight row belongs to two adjacent lanes of one warp, which copy its raw bytes and decode
+//   - B tiles (128 rows x 64 of x's dtype, swizzled): while the tensor cores work on step j, the
+//     threads decode step j + 1's 64 K elements of every row from the raw stage into the next B
+//     tile (ggml's formulas, one rounding).
+// Each weight row belongs to MMA_WG adjacent lanes of one warp, which copy its raw bytes and decode
 // it: they wait for their own copies and meet at __syncwarp, so one block-wide barrier per step
 // (making the decoded tile and the x pieces visible to the tensor cores) is all the step needs.
+// Between a wgmma's issue and its wait every instruction is predicated, never a thread-dependent
+// branch: ptxas serializes wgmma across divergent code (its warning C7518).
 // Numerics are the contract's (DESIGN.md §4): weights decoded exactly and rounded once to x's
 // dtype, products and accumulation in f32, one rounding at the end (wgmma_common.cuh's epilogue).
+#include <type_traits>
+
 #include "../common/gguf_formats.h"
 #include "common.cuh"
 #include "decode.cuh"
@@ -36,14 +39,22 @@ constexpr int kStepsPerSuper = kSuper / BK;  // K steps per raw stage
 
 constexpr int gcd16(int n) { return n % 16 == 0 ? 16 : n % 8 == 0 ? 8 : n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1; }
 
-template <class F, int MMA_WG_>
+template <class F, int MMA_WG_, int RAW_STAGES_, int RAW_LEAD_>
 struct GgufTile {
   using Block = typename F::Block;
-  static constexpr int MMA_WG = MMA_WG_, BM = 64 * MMA_WG_, BN = 128, THREADS = 256;
-  static constexpr int AHEAD = 3;             // K steps whose copies are in flight
-  static constexpr int A_STAGES = AHEAD + 2;  // the slot step j + AHEAD fills was last read by wgmma j - 2
-  static constexpr int B_TILES = 3;           // the tile step j + 1 fills was last read by wgmma j - 2
-  static constexpr int RAW_STAGES = 2;        // the stage super-step s + 2 fills was last read at step 4s + 3
+  static constexpr int MMA_WG = MMA_WG_, BM = 64 * MMA_WG_, BN = 128, THREADS = 128 * MMA_WG_;
+  // One warpgroup: two blocks per SM (shared memory permitting), 2 B tiles (the tile step j + 1
+  // fills was last read by wgmma j - 1, which every warp of the one warpgroup has waited for). Two:
+  // 3 B tiles (last read by wgmma j - 2, which the block-wide barrier of step j - 1 follows).
+  static constexpr int MIN_BLOCKS = MMA_WG == 1 ? 2 : 1;
+  static constexpr int B_TILES = MMA_WG == 1 ? 2 : 3;
+  static constexpr int AHEAD = MMA_WG == 1 ? 2 : 3;  // K steps whose copies are in flight
+  static constexpr int A_STAGES = AHEAD + 2;         // the slot step j + AHEAD fills was last read by wgmma j - 2
+  // Raw stages, and how many K steps earlier than its first step's x pieces a super-step's raw
+  // bytes are copied: the copy of super-step s (at loop iteration 4s - RAW_LEAD - AHEAD) must come
+  // after the last decode from the stage it reuses (iteration 4(s - RAW_STAGES) + 2).
+  static constexpr int RAW_STAGES = RAW_STAGES_, RAW_LEAD = RAW_LEAD_;
+  static_assert(RAW_LEAD >= 0 && RAW_LEAD <= 4 * RAW_STAGES - AHEAD - 3, "a raw stage is refilled only once read");
   static constexpr int BB = sizeof(Block);
   static constexpr int CHUNK = kSuper / F::QK * BB;  // bytes of one row per raw stage
   // A row's chunk starts at a multiple of gcd(BB, 16) (rows are whole blocks, the buffer is
@@ -52,9 +63,11 @@ struct GgufTile {
   static constexpr int RAW_ROW = (CHUNK + MAX_OFF + 15) / 16 * 16;
   static constexpr int RAW_PIECES = RAW_ROW / 16;  // 16-byte copies per row
   static constexpr int TPR = THREADS / BN;         // threads per weight row (adjacent lanes)
+  static constexpr int RAW_PER_THREAD = (RAW_PIECES + TPR - 1) / TPR;
   static constexpr int DP = 8 / TPR;               // B pieces each thread decodes per step
   static constexpr int A_BYTES = BM * kRowBytes, B_BYTES = BN * kRowBytes, RAW_BYTES = BN * RAW_ROW;
   static constexpr int SMEM = A_STAGES * A_BYTES + B_TILES * B_BYTES + RAW_STAGES * RAW_BYTES + 1024;  // + alignment
+  static constexpr int STATIC_SMEM = BM * (8 + 4);  // pair_of, score_of
   static constexpr int AP = BM * 8 / THREADS;  // A pieces per thread and step
   static constexpr int ROW_STEP = THREADS / 8;
   static_assert(kSuper % F::QK == 0 && F::SUB % 8 == 0 && (DP * 8) % F::SUB == 0,
@@ -62,16 +75,44 @@ struct GgufTile {
   static_assert(AP * THREADS == BM * 8 && TPR * BN == THREADS && DP * TPR == 8, "pieces split evenly");
   static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
   static_assert(BM * (BN + 8) * 4 <= A_STAGES * A_BYTES + B_TILES * B_BYTES, "the epilogue's staging fits");
-  static_assert(SMEM <= 227 * 1024, "fits Hopper's shared memory");
 };
 
-// Elements i0 .. i0+7 of block b (one sub-block, scale a, min m) rounded once to D, packed. Equal to
-// decode8_rounded: for the formats with mins (Q2_K, Q4_K, Q5_K) a * q is exact in f32 (a = d * sc
-// has at most 11 + 6 significant bits, q at most 5), so fma(a, q, -m) rounds a * q - m once, as the
-// unfused expression does.
+// cp.async of 16 bytes (src_bytes of them read, the rest zero-filled) where pred holds: a
+// predicated instruction, not a branch.
+__device__ __forceinline__ void cp_async16_if(bool pred, uint32_t dst, const void* src, int src_bytes) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %3, 0;\n@p cp.async.cg.shared.global [%0], [%1], 16, %2;\n}\n" ::"r"(dst),
+      "l"(src), "r"(src_bytes), "r"(static_cast<int>(pred))
+      : "memory");
+}
+
+// F::scale_min without thread-dependent branches (the sub-block index differs between the lanes
+// of a row), bit-exact with it: the K4 and Q3_K scale unpacking as selects and shifts.
+template <class F>
+__device__ __forceinline__ void scale_min_nb(const typename F::Block& b, int s, float& a, float& m) {
+  if constexpr (F::type == GGMLType::Q4_K || F::type == GGMLType::Q5_K) {
+    const uint8_t* q = b.scales;
+    const int x = q[s], y = q[s + 4], z = q[s >= 4 ? s - 4 : s];
+    const int sc = s < 4 ? (x & 63) : ((y & 0xF) | ((z >> 6) << 4));
+    const int mn = s < 4 ? (y & 63) : ((y >> 4) | ((x >> 6) << 4));
+    a = mul_rn(half_to_float(b.d), static_cast<float>(sc));
+    m = mul_rn(half_to_float(b.dmin), static_cast<float>(mn));
+  } else if constexpr (F::type == GGMLType::Q3_K) {
+    const int low = (b.scales[s & 7] >> (4 * (s >> 3))) & 0xF;
+    const int high = (b.scales[8 + (s & 3)] >> (2 * (s >> 2))) & 3;
+    a = mul_rn(half_to_float(b.d), static_cast<float>((low | (high << 4)) - 32));
+    m = 0.0f;
+  } else {
+    F::scale_min(b, s, a, m);
+  }
+}
+
+// Eight quants q (F::quant8: elements i0 .. i0+7 of one sub-block, scale a, min m) decoded and
+// rounded once to D, packed. Equal to decode8_rounded: for the formats with mins (Q2_K, Q4_K,
+// Q5_K) a * q is exact in f32 (a = d * sc has at most 11 + 6 significant bits, q at most 5), so
+// fma(a, q, -m) rounds a * q - m once, as the unfused expression does.
 template <class F, DType D>
-__device__ __forceinline__ uint4 decode8_fma(const typename F::Block& b, int i0, float a, float m) {
-  const uint64_t q = F::quant8(b, i0);
+__device__ __forceinline__ uint4 round8(uint64_t q, float a, float m) {
   const uint32_t lo = static_cast<uint32_t>(q) ^ 0x80808080u, hi = static_cast<uint32_t>(q >> 32) ^ 0x80808080u;
   float v[8];
 #pragma unroll
@@ -84,7 +125,7 @@ __device__ __forceinline__ uint4 decode8_fma(const typename F::Block& b, int i0,
 }
 
 template <class F, DType D, class C>
-__global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmArgs a) {
+__global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Block = typename F::Block;
   extern __shared__ uint8_t smem_raw[];
@@ -99,7 +140,6 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
   int64_t e, row0, rows;
   if (!find_tile<C::BM>(a, blockIdx.x, e, row0, rows)) return;
   const int tid = threadIdx.x, wgi = tid / 128;
-  const bool mma = wgi < C::MMA_WG;           // warpgroup-uniform
   const int piece = tid % 8, prow = tid / 8;  // this thread's x piece column and first tile row
   const int wrow = tid / C::TPR, half = tid % C::TPR;  // the weight row this thread copies and decodes
 
@@ -127,8 +167,24 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
     const bool row_in = n0 + wrow < a.N;
     const uint8_t* const wr = w + (e * a.N + n0 + wrow) * a.row_bytes;  // this thread's weight row
 
-    // Copies of step j: its x pieces, and at the first step of a super-step this thread's share of
-    // its weight row's raw bytes for those 256 K elements.
+    // This thread's share of its weight row's raw bytes for the 256 K elements of super-step s.
+    auto copy_raw = [&](int64_t s) {
+      const int64_t kbeg = s * kSuper;
+      const int len = static_cast<int>((a.K - kbeg < kSuper ? a.K - kbeg : kSuper) / F::QK * C::BB);
+      const uint8_t* chunk = wr + kbeg / F::QK * C::BB;
+      const int off = static_cast<int>(reinterpret_cast<uintptr_t>(chunk) & 15);
+      const uint8_t* src = chunk - off;
+      const uint32_t dst = raw_ring + static_cast<uint32_t>(s % C::RAW_STAGES) * C::RAW_BYTES + wrow * C::RAW_ROW;
+#pragma unroll
+      for (int i = 0; i < C::RAW_PER_THREAD; ++i) {
+        const int pc = half + i * C::TPR;
+        const bool ok = row_in && pc < C::RAW_PIECES && 16 * pc < off + len;  // inside this row's chunk
+        const int64_t left = ok ? w_end - (src + 16 * pc) : 0;  // never read past the weights
+        cp_async16_if(ok, dst + 16 * pc, ok ? src + 16 * pc : w, static_cast<int>(left < 16 ? left : 16));
+      }
+    };
+    // Copies of step j: its x pieces, and the raw bytes of the super-steps due with it (super-step
+    // s with step max(0, 4s - RAW_LEAD)).
     auto copy_step = [&](int j) {
       const int64_t k0 = int64_t{j} * BK;
       const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES;
@@ -138,43 +194,42 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
         const bool ok = k_in && xsrc[i] != nullptr;
         hop::cp_async16(sa + swizzled(prow + i * C::ROW_STEP, piece), ok ? xsrc[i] + k0 : a.x, ok);
       }
-      if (j % kStepsPerSuper != 0 || !row_in) return;
-      const int64_t s = j / kStepsPerSuper;
-      const int64_t kbeg = s * kSuper;
-      const int len = static_cast<int>((a.K - kbeg < kSuper ? a.K - kbeg : kSuper) / F::QK * C::BB);
-      const uint8_t* chunk = wr + kbeg / F::QK * C::BB;
-      const int off = static_cast<int>(reinterpret_cast<uintptr_t>(chunk) & 15);
-      const uint8_t* src = chunk - off;
-      const uint32_t dst = raw_ring + static_cast<uint32_t>(s % C::RAW_STAGES) * C::RAW_BYTES + wrow * C::RAW_ROW;
-#pragma unroll
-      for (int pc = half; pc < C::RAW_PIECES; pc += C::TPR) {
-        if (16 * pc >= off + len) break;  // past this row's chunk
-        const int64_t left = w_end - (src + 16 * pc);  // never read past the weights
-        hop::cp_async16(dst + 16 * pc, src + 16 * pc, static_cast<int>(left < 16 ? left : 16));
+      if (j == 0) {
+        for (int64_t s = 0; s * kSuper < a.K && 4 * s <= C::RAW_LEAD; ++s) copy_raw(s);
+      } else if ((j + C::RAW_LEAD) % kStepsPerSuper == 0 && int64_t{j + C::RAW_LEAD} * BK < a.K) {
+        copy_raw((j + C::RAW_LEAD) / kStepsPerSuper);
       }
     };
 
-    // Step j's B tile: this thread's pieces of its weight row decoded from the raw stage.
+    // Step j's B tile: this thread's pieces of its weight row decoded from the raw stage. Every
+    // shared-memory read (scales, quants) is issued before the first store, so that they are in
+    // flight together.
     auto decode_step = [&](int j) {
+      constexpr int PPS = F::SUB / 8;            // pieces per sub-block
+      constexpr int NSUB = C::DP / PPS;          // sub-blocks of this thread's pieces
       const int64_t s = j / kStepsPerSuper;
       uint8_t* bt = b_gen + (j % C::B_TILES) * C::B_BYTES;
+      const int kc0 = (j % kStepsPerSuper) * BK + half * C::DP * 8;  // first K element inside the chunk
+      // Rows past N and K elements past K (pieces come in whole sub-blocks) decode whatever the
+      // stage holds there and are then replaced by zeros: a select, not a branch.
+      const bool live = row_in && int64_t{j} * BK + half * C::DP * 8 < a.K;
       const uint8_t* chunk = wr + s * (kSuper / F::QK) * C::BB;
       const uint8_t* mine = raw_gen + (s % C::RAW_STAGES) * C::RAW_BYTES + wrow * C::RAW_ROW +
                             (reinterpret_cast<uintptr_t>(chunk) & 15);
-      const int kc0 = (j % kStepsPerSuper) * BK + half * C::DP * 8;  // first K element inside the chunk
-      const bool k_in = int64_t{j} * BK + half * C::DP * 8 < a.K;  // pieces come in whole sub-blocks
+      float sc[NSUB], mn[NSUB];
+      uint64_t q[C::DP];
 #pragma unroll
-      for (int g = 0; g < C::DP; g += F::SUB / 8) {  // one sub-block: one scale and min
-        const int kc = kc0 + g * 8;
+      for (int g = 0; g < NSUB; ++g) {
+        const int kc = kc0 + g * F::SUB;
         const auto& blk = *reinterpret_cast<const Block*>(mine + (kc / F::QK) * C::BB);
-        float sc = 0.0f, mn = 0.0f;
-        if (row_in && k_in) F::scale_min(blk, (kc % F::QK) / F::SUB, sc, mn);
+        scale_min_nb<F>(blk, (kc % F::QK) / F::SUB, sc[g], mn[g]);
 #pragma unroll
-        for (int p = g; p < g + F::SUB / 8; ++p) {
-          const uint4 v = row_in && k_in ? decode8_fma<F, D>(blk, (kc % F::QK) + (p - g) * 8, sc, mn)
-                                         : make_uint4(0, 0, 0, 0);
-          *reinterpret_cast<uint4*>(bt + swizzled(wrow, half * C::DP + p)) = v;
-        }
+        for (int p = 0; p < PPS; ++p) q[g * PPS + p] = F::quant8(blk, kc % F::QK + 8 * p);
+      }
+#pragma unroll
+      for (int p = 0; p < C::DP; ++p) {
+        const uint4 v = round8<F, D>(q[p], sc[p / PPS], mn[p / PPS]);
+        *reinterpret_cast<uint4*>(bt + swizzled(wrow, half * C::DP + p)) = live ? v : make_uint4(0, 0, 0, 0);
       }
     };
 
@@ -190,27 +245,28 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
     __syncthreads();  // B[0] and the x pieces of step 0 are visible to the tensor cores
 #pragma unroll 1
     for (int j = 0; j < KT; ++j) {
-      if (mma) {
-        const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES + wgi * 64 * kRowBytes;
-        const uint32_t sb = b_tiles + (j % C::B_TILES) * C::B_BYTES;
-        hop::wgmma_fence();
+      const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES + wgi * 64 * kRowBytes;
+      const uint32_t sb = b_tiles + (j % C::B_TILES) * C::B_BYTES;
+      hop::fence_operands(acc);
+      hop::wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)
-          Wgmma<D, C::BN>::mma(acc, hop::smem_desc(sa + kk * 32), hop::smem_desc(sb + kk * 32));
-        hop::wgmma_commit();
-      }
+      for (int kk = 0; kk < BK / 16; ++kk)
+        Wgmma<D, C::BN>::mma(acc, hop::smem_desc(sa + kk * 32), hop::smem_desc(sb + kk * 32));
+      hop::wgmma_commit();
+      hop::fence_operands(acc);
       if (j + C::AHEAD < KT) copy_step(j + C::AHEAD);
       hop::cp_async_commit();
-      if (mma) hop::wgmma_wait<1>();  // wgmma j - 1 is done: its x slot and B tile are free
+      hop::wgmma_wait<1>();  // wgmma j - 1 is done: its x slot and B tile are free
       if (j + 1 < KT) {
         hop::cp_async_wait<C::AHEAD - 1>();  // this thread's copies of step j + 1 landed
-        __syncwarp();
+        __syncwarp();                         // and its row partners'
         decode_step(j + 1);
         hop::fence_async_smem();
       }
-      __syncthreads();  // B[(j + 1) % 3] and step j + 1's x pieces are visible; every wgmma <= j - 1 is done
+      __syncthreads();  // the next B tile and step j + 1's x pieces are visible; every wgmma <= j - 1 is done
     }
-    if (mma) hop::wgmma_wait<0>();
+    hop::wgmma_wait<0>();
+    hop::fence_operands(acc);
     hop::epilogue<C::BM, C::BN, C::THREADS>(a, acc, reinterpret_cast<float*>(smem), pair_of, score_of, n0);
   }
 #else
@@ -220,6 +276,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_gguf_kernel(GemmA
 
 template <class F, DType D, class C>
 std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream) {
+  static_assert(C::SMEM + C::STATIC_SMEM <= 227 * 1024, "fits Hopper's shared memory");
   const dim3 grid(static_cast<unsigned>(max_m_tiles(p, C::BM)), grid_y((p.N + C::BN - 1) / C::BN));
   const cudaError_t err = cudaFuncSetAttribute(grouped_wgmma_gguf_kernel<F, D, C>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
@@ -228,13 +285,40 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
   return launch_error("grouped_wgmma_gguf_kernel");
 }
 
+// The fixed part of a tile's pipeline (AHEAD), before its raw ring is chosen.
+template <class F, int MMA_WG>
+using Tile0 = GgufTile<F, MMA_WG, 2, 0>;
+
+// The deepest raw ring that fits one block per SM (2 to 4 stages), with the longest lead it allows.
+template <class F, int MMA_WG, int RS = 4>
+struct Deepest {
+  using Tile = GgufTile<F, MMA_WG, RS, 4 * RS - Tile0<F, MMA_WG>::AHEAD - 3>;
+  using type = typename std::conditional<(Tile::SMEM + Tile::STATIC_SMEM <= 227 * 1024 || RS == 2), Tile,
+                                         typename Deepest<F, MMA_WG, (RS > 2 ? RS - 1 : 2)>::type>::type;
+};
+template <class F, int MMA_WG>
+struct Deepest<F, MMA_WG, 2> {
+  using type = GgufTile<F, MMA_WG, 2, 4 * 2 - Tile0<F, MMA_WG>::AHEAD - 3>;
+};
+
+// The 64-row tile: two blocks per SM with 2 raw stages where the format allows it, else the
+// deepest ring of one block per SM.
+template <class F>
+struct Narrow {
+  using Two = GgufTile<F, 1, 2, 3>;
+  static constexpr bool fits = Two::SMEM + Two::STATIC_SMEM + 1024 <= 228 * 1024 / 2;
+  using type = typename std::conditional<fits, Two, typename Deepest<F, 1>::type>::type;
+};
+
 template <DType D>
 std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
   std::string err = "internal: grouped_wgmma_gguf_kernel has no tile " + std::to_string(static_cast<int>(tile));
   const bool known = dispatch_format(p.wtype, [&](auto fmt) {
     using F = decltype(fmt);
-    if (tile == GemmTile::kGguf64x128) err = launch_tile<F, D, GgufTile<F, 1>>(p, a, stream);
-    else if (tile == GemmTile::kGguf128x128) err = launch_tile<F, D, GgufTile<F, 2>>(p, a, stream);
+    if (tile == GemmTile::kGguf64x128)
+      err = launch_tile<F, D, typename Narrow<F>::type>(p, a, stream);
+    else if (tile == GemmTile::kGguf128x128)
+      err = launch_tile<F, D, typename Deepest<F, 2>::type>(p, a, stream);
   });
   if (!known) return "internal: grouped_wgmma_gguf_kernel has no GGUF format " + std::to_string(static_cast<int>(p.wtype));
   return err;

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call during development (the lent H200): build for sm_90a, run a pytest -k subset of
+# the GPU suite, optionally one compute-sanitizer tool over a smaller subset, then benchmark rows.
+#   bash tools/dev_check.sh "<pytest -k for test_gpu.py>" "<sanitizer tool or ''>" "<sanitizer -k>" "<bench --only>" [bench args]
+set -u
+OUT=${OUT:-/tmp/jax_moe_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+t0=$(date +%s)
+if ! python3 -c "import jax_moe._jax_moe_cuda" 2>/dev/null; then
+  # .dev/libjax_moe_cuda_kernels.a, when carried: the kernels built for 90a on the development machine.
+  pre=""; [ -f .dev/libjax_moe_cuda_kernels.a ] && pre="-Ccmake.define.JAX_MOE_PREBUILT_CUDA_KERNELS=$PWD/.dev/libjax_moe_cuda_kernels.a"
+  python3 -m pip install --no-build-isolation --no-deps -e . -Cbuild-dir=build/h200 $pre \
+    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a -Ccmake.define.JAX_MOE_CUDA=ON > "$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+fi
+echo "build: $(( $(date +%s) - t0 )) s"
+summary=()
+if [ -n "${1:-}" ]; then
+  (cd tests && python3 -m pytest -q -m gpu test_gpu.py test_plan.py -p no:cacheprovider -k "$1" 2>&1) > "$OUT/tests.log"
+  grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tests.log" | head -20
+  summary+=("tests: $(tail -1 "$OUT/tests.log") ($(( $(date +%s) - t0 )) s)")
+fi
+if [ -n "${2:-}" ]; then
+  (cd tests && compute-sanitizer --tool "$2" --print-limit 10 python3 -m pytest -q -m gpu test_gpu.py -p no:cacheprovider -k "$3" 2>&1) > "$OUT/$2.log"
+  summary+=("$2: $(grep -E '(passed|failed)' "$OUT/$2.log" | tail -1) | $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$2.log" | sort | uniq -c | tr '\n' ' ') ($(( $(date +%s) - t0 )) s)")
+fi
+if [ -n "${4:-}" ]; then
+  only=$4; shift 4
+  python3 benchmarks/bench_moe.py --only "$only" "$@" --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  grep -vE "^WARNING|^\s*$" "$OUT/bench.log" | tail -40
+fi
+echo "===== summary"
+printf '%s\n' "${summary[@]}"
