@@ -210,9 +210,9 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
       const int64_t s = j / kStepsPerSuper;
       uint8_t* bt = b_gen + (j % C::B_TILES) * C::B_BYTES;
       const int kc0 = (j % kStepsPerSuper) * BK + half * C::DP * 8;  // first K element inside the chunk
-      // Rows past N and K elements past K (pieces come in whole sub-blocks) decode whatever the
-      // stage holds there and are then replaced by zeros: a select, not a branch.
-      const bool live = row_in && int64_t{j} * BK + half * C::DP * 8 < a.K;
+      // Rows past N and K elements past K (K % 32 == 0: a sub-block is all in or all out) decode
+      // whatever the stage holds there and are then replaced by zeros: a select, not a branch.
+      const int64_t k_first = int64_t{j} * BK + half * C::DP * 8;  // K index of this thread's first piece
       const uint8_t* chunk = wr + s * (kSuper / F::QK) * C::BB;
       const uint8_t* mine = raw_gen + (s % C::RAW_STAGES) * C::RAW_BYTES + wrow * C::RAW_ROW +
                             (reinterpret_cast<uintptr_t>(chunk) & 15);
@@ -229,6 +229,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
 #pragma unroll
       for (int p = 0; p < C::DP; ++p) {
         const uint4 v = round8<F, D>(q[p], sc[p / PPS], mn[p / PPS]);
+        const bool live = row_in && k_first + 8 * p < a.K;
         *reinterpret_cast<uint4*>(bt + swizzled(wrow, half * C::DP + p)) = live ? v : make_uint4(0, 0, 0, 0);
       }
     };
