@@ -50,18 +50,11 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
 
   int64_t e, row0, rows;
   if (!find_tile<C::BM>(a, blockIdx.x, e, row0, rows)) return;
-  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int tid = threadIdx.x, wg = tid / 128;
   const int piece = tid % 8, prow = tid / 8;  // this thread's piece column and first tile row
 
-  // x rows of this thread's A pieces (nullptr: no pair there, the piece is zero-filled).
-  const auto* x = static_cast<const uint16_t*>(a.x);
-  const uint16_t* xsrc[C::AP];
-#pragma unroll
-  for (int i = 0; i < C::AP; ++i) {
-    const int r = prow + i * C::ROW_STEP;
-    const int64_t pair = r < rows ? a.perm[row0 + r] : -1;
-    xsrc[i] = pair < 0 ? nullptr : x + (a.x_per_pair ? pair : pair / a.k) * a.K + piece * 8;
-  }
+  const uint16_t* xsrc[C::AP];  // x rows of this thread's A pieces
+  hop::x_sources(a, row0, rows, prow, C::ROW_STEP, piece, xsrc);
   // Pairs and scores of the tile's rows, for the epilogue.
   __shared__ int64_t pair_of[C::BM];
   __shared__ float score_of[C::BM];
@@ -96,12 +89,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
       if (next < KT) {
         const int64_t k0 = int64_t{next} * BK;
         const uint32_t sa = ring + (next % C::STAGES) * C::STAGE_BYTES, sb = sa + C::A_BYTES;
+        hop::copy_x_pieces(a, xsrc, sa, prow, C::ROW_STEP, piece, k0);
         const bool k_in = k0 + piece * 8 < a.K;  // K % 8 == 0: a piece is all in or all out
-#pragma unroll
-        for (int i = 0; i < C::AP; ++i) {
-          const bool ok = k_in && xsrc[i] != nullptr;
-          cp_async16(sa + swizzled(prow + i * C::ROW_STEP, piece), ok ? xsrc[i] + k0 : a.x, ok);
-        }
 #pragma unroll
         for (int i = 0; i < C::BP; ++i) {
           const int r = prow + i * C::ROW_STEP;

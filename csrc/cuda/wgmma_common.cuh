@@ -56,6 +56,32 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
          (uint64_t{1} << 62);
 }
 
+// x rows of a thread's AP A pieces (piece column `piece`, tile rows prow + i * row_step; nullptr:
+// no pair there, the piece is zero-filled).
+template <int AP>
+__device__ __forceinline__ void x_sources(const GemmArgs& a, int64_t row0, int64_t rows, int prow, int row_step,
+                                          int piece, const uint16_t* (&xsrc)[AP]) {
+  const auto* x = static_cast<const uint16_t*>(a.x);
+#pragma unroll
+  for (int i = 0; i < AP; ++i) {
+    const int r = prow + i * row_step;
+    const int64_t pair = r < rows ? a.perm[row0 + r] : -1;
+    xsrc[i] = pair < 0 ? nullptr : x + (a.x_per_pair ? pair : pair / a.k) * a.K + piece * 8;
+  }
+}
+
+// Those pieces of the K step starting at k0 into the swizzled A tile at shared address sa.
+template <int AP>
+__device__ __forceinline__ void copy_x_pieces(const GemmArgs& a, const uint16_t* const (&xsrc)[AP], uint32_t sa,
+                                              int prow, int row_step, int piece, int64_t k0) {
+  const bool k_in = k0 + piece * 8 < a.K;  // K % 8 == 0: a piece is all in or all out
+#pragma unroll
+  for (int i = 0; i < AP; ++i) {
+    const bool ok = k_in && xsrc[i] != nullptr;
+    cp_async16(sa + swizzled(prow + i * row_step, piece), ok ? xsrc[i] + k0 : a.x, ok);
+  }
+}
+
 // The tile's pairs and their scores, for the epilogue (rows past `rows` get pair -1).
 template <int BM>
 __device__ __forceinline__ void tile_pairs(const GemmArgs& a, int64_t row0, int64_t rows, int64_t* pair_of,

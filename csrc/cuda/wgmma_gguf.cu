@@ -28,11 +28,10 @@
 #include "wgmma_ops.cuh"
 
 namespace jax_moe {
-namespace {
+namespace gguf_gemm {  // named: tiles that Deepest only sizes keep external linkage (no unused-member warnings)
 
 using hop::BK;
 using hop::kRowBytes;
-using hop::swizzled;
 
 constexpr int kSuper = 256;                  // K elements of one raw stage
 constexpr int kStepsPerSuper = kSuper / BK;  // K steps per raw stage
@@ -76,6 +75,18 @@ struct GgufTile {
   static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
   static_assert(BM * (BN + 8) * 4 <= A_STAGES * A_BYTES + B_TILES * B_BYTES, "the epilogue's staging fits");
 };
+
+}  // namespace gguf_gemm
+
+namespace {
+
+using hop::BK;
+using hop::kRowBytes;
+using hop::swizzled;
+
+using gguf_gemm::GgufTile;
+using gguf_gemm::kSuper;
+using gguf_gemm::kStepsPerSuper;
 
 // cp.async of 16 bytes (src_bytes of them read, the rest zero-filled) where pred holds: a
 // predicated instruction, not a branch.
@@ -143,15 +154,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
   const int piece = tid % 8, prow = tid / 8;  // this thread's x piece column and first tile row
   const int wrow = tid / C::TPR, half = tid % C::TPR;  // the weight row this thread copies and decodes
 
-  // x rows of this thread's A pieces (nullptr: no pair there, the piece is zero-filled).
-  const auto* x = static_cast<const uint16_t*>(a.x);
-  const uint16_t* xsrc[C::AP];
-#pragma unroll
-  for (int i = 0; i < C::AP; ++i) {
-    const int r = prow + i * C::ROW_STEP;
-    const int64_t pair = r < rows ? a.perm[row0 + r] : -1;
-    xsrc[i] = pair < 0 ? nullptr : x + (a.x_per_pair ? pair : pair / a.k) * a.K + piece * 8;
-  }
+  const uint16_t* xsrc[C::AP];  // x rows of this thread's A pieces
+  hop::x_sources(a, row0, rows, prow, C::ROW_STEP, piece, xsrc);
   __shared__ int64_t pair_of[C::BM];
   __shared__ float score_of[C::BM];
   hop::tile_pairs<C::BM>(a, row0, rows, pair_of, score_of);
@@ -188,12 +192,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
     auto copy_step = [&](int j) {
       const int64_t k0 = int64_t{j} * BK;
       const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES;
-      const bool k_in = k0 + piece * 8 < a.K;  // K % 8 == 0: a piece is all in or all out
-#pragma unroll
-      for (int i = 0; i < C::AP; ++i) {
-        const bool ok = k_in && xsrc[i] != nullptr;
-        hop::cp_async16(sa + swizzled(prow + i * C::ROW_STEP, piece), ok ? xsrc[i] + k0 : a.x, ok);
-      }
+      hop::copy_x_pieces(a, xsrc, sa, prow, C::ROW_STEP, piece, k0);
       if (j == 0) {
         for (int64_t s = 0; s * kSuper < a.K && 4 * s <= C::RAW_LEAD; ++s) copy_raw(s);
       } else if ((j + C::RAW_LEAD) % kStepsPerSuper == 0 && int64_t{j + C::RAW_LEAD} * BK < a.K) {
