@@ -31,7 +31,6 @@ def wrapper(ptx_type: str, dtype: str, n: int) -> str:
     return f"""
 template <>
 struct Wgmma<DType::{dtype}, {n}> {{
-  static constexpr int kRegs = {regs};
   static __device__ __forceinline__ void mma(float (&d)[{regs}], uint64_t a, uint64_t b) {{
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(

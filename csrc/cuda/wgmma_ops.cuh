@@ -14,7 +14,6 @@ struct Wgmma;
 
 template <>
 struct Wgmma<DType::BF16, 128> {
-  static constexpr int kRegs = 64;
   static __device__ __forceinline__ void mma(float (&d)[64], uint64_t a, uint64_t b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
@@ -29,7 +28,6 @@ struct Wgmma<DType::BF16, 128> {
 
 template <>
 struct Wgmma<DType::F16, 128> {
-  static constexpr int kRegs = 64;
   static __device__ __forceinline__ void mma(float (&d)[64], uint64_t a, uint64_t b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
@@ -44,7 +42,6 @@ struct Wgmma<DType::F16, 128> {
 
 template <>
 struct Wgmma<DType::BF16, 256> {
-  static constexpr int kRegs = 128;
   static __device__ __forceinline__ void mma(float (&d)[128], uint64_t a, uint64_t b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
@@ -59,7 +56,6 @@ struct Wgmma<DType::BF16, 256> {
 
 template <>
 struct Wgmma<DType::F16, 256> {
-  static constexpr int kRegs = 128;
   static __device__ __forceinline__ void mma(float (&d)[128], uint64_t a, uint64_t b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
