@@ -7,8 +7,6 @@
 // 128-byte swizzle that wgmma's descriptors name, in a ring of STAGES buffers. x pieces (gathered
 // rows, zero-filled outside the tile) and weights arrive with cp.async, STAGES - 1 steps ahead.
 // The accumulators leave through shared memory, so that each row is written with 16-byte stores.
-#include <cstdlib>
-
 #include "common.cuh"
 #include "grouped_gemm.cuh"
 #include "kernels.h"
@@ -26,11 +24,9 @@ using hop::cp_async_wait;
 using hop::smem_desc;
 using hop::swizzled;
 
-// INFLIGHT_ = 1: one wgmma group stays in flight across K steps (wait_group 1), and the ring
-// loads one step less far ahead (the buffer refilled at step kt was read by wgmma kt - 2).
-template <int WG_, int BN_, int STAGES_, int INFLIGHT_ = 0>
+template <int WG_, int BN_, int STAGES_>
 struct HopperTile {
-  static constexpr int BM = 64 * WG_, BN = BN_, STAGES = STAGES_, THREADS = 128 * WG_, INFLIGHT = INFLIGHT_;
+  static constexpr int BM = 64 * WG_, BN = BN_, STAGES = STAGES_, THREADS = 128 * WG_;
   static constexpr int A_BYTES = BM * kRowBytes, B_BYTES = BN * kRowBytes, STAGE_BYTES = A_BYTES + B_BYTES;
   static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;  // + slack to align the ring to 1024
   static constexpr int AP = BM * 8 / THREADS, BP = BN * 8 / THREADS;  // 16-byte pieces per thread
@@ -44,7 +40,6 @@ struct HopperTile {
 using WideTile = HopperTile<2, 256, 4>;    // 128 x 256, for many pairs per expert
 using NarrowTile = HopperTile<1, 256, 5>;  // 64 x 256, when the work is streaming the weights
 using SlimTile = HopperTile<1, 128, 8>;    // 64 x 128, when 64 x 256 tiles would leave SMs idle
-using WideInflight = HopperTile<2, 256, 4, 1>;  // development A/B of WideTile (JAX_MOE_DEV_WGMMA_INFLIGHT=1)
 
 template <DType D, class C>
 __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a) {
@@ -67,7 +62,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
 
   const auto* w = static_cast<const uint16_t*>(a.w);
   const int KT = static_cast<int>((a.K + BK - 1) / BK);
-  constexpr int AHEAD = C::STAGES - 1 - C::INFLIGHT;  // steps loading while one computes
+  constexpr int AHEAD = C::STAGES - 1;  // steps loading while one computes
   for (int64_t n0 = int64_t{blockIdx.y} * C::BN; n0 < a.N; n0 += int64_t{gridDim.y} * C::BN) {
     float acc[C::BN / 2];
 #pragma unroll
@@ -106,9 +101,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
         }
       }
       cp_async_commit();
-      if (kt >= 0) hop::wgmma_wait<C::INFLIGHT>();
+      if (kt >= 0) hop::wgmma_wait<0>();
     }
-    hop::wgmma_wait<0>();
+    hop::wgmma_wait<0>();  // (already done; with it ptxas inserts no wait of its own, C7517)
     hop::fence_operands(acc);
 
     hop::epilogue<C::BM, C::BN, C::THREADS>(a, acc, reinterpret_cast<float*>(smem_raw + (ring - raw)), pair_of,
@@ -132,11 +127,7 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
 template <DType D>
 std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
   switch (tile) {
-    case GemmTile::kWide128x256: {
-      const char* v = std::getenv("JAX_MOE_DEV_WGMMA_INFLIGHT");
-      if (v != nullptr && std::string(v) == "1") return launch_tile<D, WideInflight>(p, a, stream);
-      return launch_tile<D, WideTile>(p, a, stream);
-    }
+    case GemmTile::kWide128x256: return launch_tile<D, WideTile>(p, a, stream);
     case GemmTile::kNarrow64x256: return launch_tile<D, NarrowTile>(p, a, stream);
     case GemmTile::kSlim64x128: return launch_tile<D, SlimTile>(p, a, stream);
     default: return "internal: grouped_wgmma_kernel has no tile " + std::to_string(static_cast<int>(tile));
