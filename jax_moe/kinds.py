@@ -62,8 +62,38 @@ def as_qtype(qtype: GGMLType | int | str, name: str = "qtype") -> GGMLType:
         t = None
     if t is None or t not in _BLOCKS:
         supported = ", ".join(q.name for q in QUANTIZED_TYPES)
-        raise ValueError(f"{name} must be one of {supported}; got {qtype!r}")
+        hint = ""
+        if isinstance(qtype, str) and qtype.upper() in PRESETS:
+            g, d = PRESETS[qtype.upper()]
+            hint = (f" ({qtype!r} is a llama.cpp file type, a mix of formats: the modules' "
+                    f"quantize({qtype!r}) takes it, here pass {g.name} and {d.name} for the down "
+                    f"projection)")
+        raise ValueError(f"{name} must be one of {supported}; got {qtype!r}{hint}")
     return t
+
+
+#: llama.cpp file types named like formats: (gate/up format, down format). llama.cpp picks the
+#: higher format for some layers' down projections only; here every down projection gets it.
+PRESETS: dict[str, tuple[GGMLType, GGMLType]] = {
+    "Q3_K_M": (GGMLType.Q3_K, GGMLType.Q4_K),
+    "Q4_K_M": (GGMLType.Q4_K, GGMLType.Q6_K),
+    "Q5_K_M": (GGMLType.Q5_K, GGMLType.Q6_K),
+}
+
+
+def expert_qtypes(qtype: GGMLType | int | str, down_qtype: GGMLType | int | str | None = None
+                  ) -> tuple[GGMLType, GGMLType]:
+    """``(gate/up format, down format)`` of a module's ``quantize(qtype, down_qtype=...)``.
+
+    ``qtype`` is one format (``down_qtype`` defaults to it) or a preset of :data:`PRESETS`
+    such as ``"Q4_K_M"`` (gate/up Q4_K, down Q6_K), which sets both."""
+    if isinstance(qtype, str) and qtype.upper() in PRESETS:
+        if down_qtype is not None:
+            raise ValueError(f"qtype={qtype!r} sets the down format too; pass down_qtype only "
+                             f"with a single format such as 'Q4_K'")
+        return PRESETS[qtype.upper()]
+    qt = as_qtype(qtype, "qtype")
+    return qt, (qt if down_qtype is None else as_qtype(down_qtype, "down_qtype"))
 
 
 def block_size(qtype: GGMLType | int | str) -> int:

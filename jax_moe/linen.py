@@ -31,7 +31,7 @@ from flax.core import meta, unfreeze
 
 from . import quantized as _quantized
 from .ffn import ACTIVATIONS, MoEWeights
-from .kinds import GGMLType, as_qtype, row_bytes
+from .kinds import GGMLType, as_qtype, expert_qtypes, row_bytes
 from .routing import RouterConfig
 
 __all__ = ["MoE", "QUANTIZED", "BUFFERS"]
@@ -172,10 +172,10 @@ class MoE(nn.Module):
 
         Returns ``(module, variables)``: a clone of this module whose ``quantization`` names
         the quantized kernels, and variables with those kernels moved from ``"params"`` to
-        ``"quantized"``. ``down_qtype`` (default ``qtype``) is the format of the down kernels.
+        ``"quantized"``. ``down_qtype`` (default ``qtype``) is the format of the down kernels;
+        a preset such as ``"Q4_K_M"`` (gate/up Q4_K, down Q6_K) sets both (``jax_moe.kinds.PRESETS``).
         """
-        qt = as_qtype(qtype, "qtype")
-        dqt = qt if down_qtype is None else as_qtype(down_qtype, "down_qtype")
+        qt, dqt = expert_qtypes(qtype, down_qtype)
         variables = unfreeze(variables)
         params = dict(variables.get("params", {}))
         quantized_vars = dict(variables.get(QUANTIZED, {}))

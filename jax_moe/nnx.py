@@ -32,7 +32,7 @@ from flax import nnx
 
 from . import quantized as _quantized
 from .ffn import ACTIVATIONS, MoEWeights
-from .kinds import GGMLType, as_qtype
+from .kinds import GGMLType, expert_qtypes
 from .routing import RouterConfig
 
 __all__ = ["MoE", "QuantizedWeight", "RoutingBias"]
@@ -221,15 +221,15 @@ class MoE(nnx.Module):
         """Quantize the dense expert kernels in place (on the host); returns ``self``.
 
         Args:
-          qtype: GGUF format of the gate/up kernels (``"Q4_K"``, ``GGMLType.Q8_0``, ...).
-          down_qtype: format of the down kernels (default ``qtype``); ``"Q6_K"`` with a
-            ``"Q4_K"`` gate/up is llama.cpp's Q4_K_M recipe.
+          qtype: GGUF format of the gate/up kernels (``"Q4_K"``, ``GGMLType.Q8_0``, ...), or
+            a llama.cpp preset that sets both formats: ``"Q4_K_M"`` (gate/up Q4_K, down Q6_K),
+            ``"Q5_K_M"``, ``"Q3_K_M"`` (see ``jax_moe.kinds.PRESETS``).
+          down_qtype: format of the down kernels (default ``qtype``).
 
         The shared expert's kernels get the same formats. The router stays float32. Each kernel's
         contracting dimension must be a multiple of the format's block size (32 or 256).
         """
-        qt = as_qtype(qtype, "qtype")
-        dqt = qt if down_qtype is None else as_qtype(down_qtype, "down_qtype")
+        qt, dqt = expert_qtypes(qtype, down_qtype)
         plan = {"gate_up": qt, "gate": qt, "up": qt, "down": dqt,
                 "shared_gate_up": qt, "shared_gate": qt, "shared_up": qt, "shared_down": dqt}
         todo = []
