@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+import ml_dtypes
 import numpy as np
 
 
@@ -34,6 +35,21 @@ class WeightLayout(enum.IntEnum):
 
     ENK = 0
     EKN = 1
+
+
+def as_layout(weight_layout: WeightLayout | str, name: str = "weight_layout") -> WeightLayout:
+    """Normalize a ``WeightLayout`` or its name (``"enk"``/``"ekn"``, any case) to a WeightLayout,
+    or raise ValueError naming ``name``."""
+    if isinstance(weight_layout, WeightLayout):
+        return weight_layout
+    if isinstance(weight_layout, str) and weight_layout.upper() in WeightLayout.__members__:
+        return WeightLayout[weight_layout.upper()]
+    raise ValueError(f'{name} must be "enk" ([E, N, K]) or "ekn" ([E, K, N]), or a '
+                     f"jax_moe.WeightLayout; got {weight_layout!r}")
+
+
+#: The dtypes of dense experts (and of the activations of the WMMA kinds).
+DENSE_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
 #: (elements per block, bytes per block) of the GGUF formats this library runs.

@@ -58,7 +58,14 @@ def _jvp(primals, tangents, **params):
     raise InferenceOnlyError(
         "jax_moe.moe_matmul is inference-only: it has no derivative (no JVP or VJP). "
         "If the gradient is not needed through the MoE experts, wrap their inputs in "
-        "jax.lax.stop_gradient(...) so that nothing is differentiated through moe_matmul."
+        "jax.lax.stop_gradient(...) so that nothing is differentiated through moe_matmul. "
+        "The jax_moe Flax modules' weights are not trainable by default (jax_moe.nnx: "
+        "ExpertWeight/RouterWeight variables, not nnx.Param; jax_moe.linen: the 'experts', "
+        "'quantized' and 'router' collections, not 'params'). If the gradient reaches the "
+        "block's weights (trainable_router=True, or nnx.Param experts of your own), leave "
+        "them out of the differentiated state: nnx.grad(loss, argnums=nnx.DiffState(0, "
+        "nnx.All(nnx.Param, nnx.Not(nnx.PathContains('moe'))))) with 'moe' the block's "
+        "attribute name, or jax.grad over the other parameters only."
     )
 
 
