@@ -31,7 +31,9 @@ import numpy as np
 
 from . import ops as _ops
 from . import quantized as _quantized
+from .kinds import DENSE_DTYPES, WeightLayout, as_layout
 from .routing import RouterConfig
+from .shapes import layout_hint
 
 QuantizedExperts = _quantized.QuantizedExperts
 
@@ -49,9 +51,8 @@ Weight = Union[jax.Array, QuantizedExperts]
 #: Fused gate+up weights (gate rows first, then up rows), or a ``(gate, up)`` pair.
 GateUp = Union[Weight, "tuple[Weight, Weight]"]
 
-_LAYOUTS = ("enk", "ekn")
-_ACT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-_DENSE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+_DENSE_DTYPES = DENSE_DTYPES
+_ACT_DTYPES = (jnp.dtype(jnp.float32),) + _DENSE_DTYPES
 
 
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -108,11 +109,14 @@ class _W:
     layout: str
 
 
-def _check_layout(weight_layout: str) -> str:
-    if weight_layout not in _LAYOUTS:
-        raise ValueError(f'weight_layout must be "enk" ([E, N, K]) or "ekn" ([E, K, N]); '
-                         f"got {weight_layout!r}")
-    return weight_layout
+def _check_layout(weight_layout: str | WeightLayout) -> str:
+    """A WeightLayout or its name as the name ``"enk"``/``"ekn"`` (ValueError otherwise)."""
+    return as_layout(weight_layout).name.lower()
+
+
+def _hint(w: _W, d: int) -> str:
+    """The other-layout hint for a dense weight that should contract over ``d``."""
+    return "" if w.quantized else layout_hint(as_layout(w.layout), w.w.shape, d)
 
 
 def _weight(w: Any, name: str, layout: str, *, allow_2d: bool = False) -> _W:
@@ -203,7 +207,7 @@ def moe_ffn(
     down: Weight,
     *,
     activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu",
-    weight_layout: str = "enk",
+    weight_layout: str | WeightLayout = "enk",
     shared: SharedExpert | None = None,
     out_dtype: Any = None,
 ) -> jax.Array:
@@ -220,14 +224,16 @@ def moe_ffn(
       down: ``[E, D, F]`` (``"enk"``) or ``[E, F, D]`` (``"ekn"``).
       activation: ``"swiglu"``, ``"geglu"`` (tanh GELU), ``"geglu_erf"``, ``"reglu"``, or a
         callable ``act(gate, up)`` on float32 ``[..., k, F]`` arrays.
-      weight_layout: layout of the dense weights; quantized weights are always ``[E, N, K]``.
+      weight_layout: layout of the dense weights, ``"enk"`` (default, GGUF's ``[E, N, K]``) or
+        ``"ekn"`` (Flax's ``[E, K, N]``), or a ``WeightLayout``; quantized weights are always
+        ``[E, N, K]``.
       shared: optional :class:`SharedExpert`.
       out_dtype: output dtype (default: ``x.dtype``).
 
     Returns:
       ``[..., D]`` in ``out_dtype``.
     """
-    _check_layout(weight_layout)
+    weight_layout = _check_layout(weight_layout)
     act = _activation(activation)
     x = jnp.asarray(x)
     if x.ndim < 2:
@@ -255,10 +261,12 @@ def moe_ffn(
     d_model, f = x.shape[-1], gu[0].N // (2 if len(gu) == 1 else 1)
     if gu[0].K != d_model:
         raise ValueError(f"gate_up must contract over D = {d_model} (the last axis of x); "
-                         f"it has K = {gu[0].K}")
+                         f"it has K = {gu[0].K} in weight_layout={weight_layout!r}"
+                         f"{_hint(gu[0], d_model)}")
     if (dn.E, dn.N, dn.K) != (gu[0].E, d_model, f):
         raise ValueError(f"down must be logically [E, D, F] = {[gu[0].E, d_model, f]} to match "
-                         f"gate_up and x; got {[dn.E, dn.N, dn.K]}")
+                         f"gate_up and x; got {[dn.E, dn.N, dn.K]} in weight_layout="
+                         f"{weight_layout!r}{_hint(dn, f)}")
 
     lead = x.shape[:-1]
     k = expert_ids.shape[-1]
@@ -302,14 +310,14 @@ def _shared_ffn(x2: jax.Array, shared: SharedExpert, layout: str, act: Callable,
     return y
 
 
-def fuse_gate_up(gate: Weight, up: Weight, *, weight_layout: str = "enk") -> Weight:
+def fuse_gate_up(gate: Weight, up: Weight, *, weight_layout: str | WeightLayout = "enk") -> Weight:
     """Concatenate gate ``[E, F, D]`` and up ``[E, F, D]`` into one gate+up weight ``[E, 2F, D]``.
 
     Dense weights are concatenated along N (axis 1 for ``"enk"``, axis 2 for ``"ekn"``); quantized
     weights must share their format and are concatenated along their rows (numpy data stays
     numpy, on the host). Do it once, when loading, not inside the jitted step.
     """
-    _check_layout(weight_layout)
+    weight_layout = _check_layout(weight_layout)
     g = _weight(gate, "gate", weight_layout)
     u = _weight(up, "up", weight_layout)
     if (g.E, g.N, g.K) != (u.E, u.N, u.K):
@@ -354,7 +362,7 @@ def moe_block(
     router_bias: jax.Array | None = None,
     selection_bias: jax.Array | None = None,
     activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu",
-    weight_layout: str = "enk",
+    weight_layout: str | WeightLayout = "enk",
     shared: SharedExpert | None = None,
     out_dtype: Any = None,
     return_routing: bool = False,
@@ -404,7 +412,8 @@ class MoEWeights:
       shared_expert_gate: ``[D]`` sigmoid-gate weight of the shared expert, or None.
       config: the :class:`RouterConfig`.
       activation: a name from :data:`ACTIVATIONS`.
-      weight_layout: layout of the dense expert weights.
+      weight_layout: layout of the dense expert weights, ``"enk"`` (default) or ``"ekn"`` (a
+        ``WeightLayout`` is accepted and stored by name).
     """
 
     router: Any
@@ -422,6 +431,9 @@ class MoEWeights:
     config: RouterConfig = dataclasses.field(default_factory=lambda: RouterConfig(k=2))
     activation: str = "swiglu"
     weight_layout: str = "enk"
+
+    def __post_init__(self) -> None:
+        self.weight_layout = _check_layout(self.weight_layout)  # "enk" / "ekn" from either spelling
 
     @property
     def experts_gate_up(self) -> GateUp:

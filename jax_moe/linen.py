@@ -35,7 +35,7 @@ from flax.core import meta, unfreeze
 from . import modules as _modules
 from . import quantized as _quantized
 from .ffn import MoEWeights
-from .kinds import DENSE_DTYPES, GGMLType, as_qtype, expert_qtypes, row_bytes
+from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_qtype, expert_qtypes, row_bytes
 from .routing import RouterConfig
 
 __all__ = ["MoE", "BUFFERS", "EXPERTS", "QUANTIZED", "ROUTER"]
@@ -56,7 +56,8 @@ class MoE(nn.Module):
     Fields mirror :class:`jax_moe.nnx.MoE`: ``features`` (D), ``hidden_features`` (F),
     ``num_experts`` (E), ``router`` (a RouterConfig or an int k), ``activation``,
     ``shared_hidden_features``, ``shared_expert_gate``, ``use_router_bias``,
-    ``use_selection_bias``, ``weight_layout`` (``"ekn"`` default, or ``"enk"``), ``dtype``,
+    ``use_selection_bias``, ``weight_layout`` (``"ekn"`` default as in NNX, where ``moe_matmul``
+    and ``moe_ffn`` default to ``"enk"``; or ``"enk"``, or a ``WeightLayout``), ``dtype``,
     ``param_dtype``, ``kernel_init``, ``router_init``, ``trainable_router``; plus:
 
     - ``fused_gate_up``: one ``gate_up`` kernel (default) or separate ``gate`` and ``up``;
@@ -74,7 +75,7 @@ class MoE(nn.Module):
     shared_expert_gate: bool = False
     use_router_bias: bool = False
     use_selection_bias: bool = False
-    weight_layout: str = "ekn"
+    weight_layout: str | WeightLayout = "ekn"
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
     fused_gate_up: bool = True

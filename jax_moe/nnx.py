@@ -44,7 +44,7 @@ from flax import nnx
 from . import modules as _modules
 from . import quantized as _quantized
 from .ffn import MoEWeights
-from .kinds import DENSE_DTYPES, GGMLType, expert_qtypes
+from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, expert_qtypes
 from .routing import RouterConfig
 
 __all__ = ["ExpertWeight", "MoE", "QuantizedWeight", "RouterWeight", "RoutingBias"]
@@ -101,8 +101,9 @@ class MoE(nnx.Module):
       shared_expert_gate: gate the shared expert with ``sigmoid(x @ g)`` (Qwen2-MoE).
       router_bias: add a trainable ``[E]`` bias to the router logits (gpt-oss).
       selection_bias: add a :class:`RoutingBias` ``[E]`` used for selection only (DeepSeek-V3).
-      weight_layout: ``"ekn"`` (Flax's kernel layout ``[E, D_in, D_out]``, the default) or
-        ``"enk"`` (GGUF's ``[E, D_out, D_in]``) for the dense expert kernels.
+      weight_layout: ``"ekn"`` (Flax's kernel layout ``[E, D_in, D_out]``, the default here;
+        ``moe_matmul``/``moe_ffn`` default to ``"enk"``) or ``"enk"`` (GGUF's
+        ``[E, D_out, D_in]``), or a ``WeightLayout``, for the dense expert kernels.
       dtype: computation dtype of the experts: bfloat16/float16 (WMMA and WMMA_GGUF kinds) or
         float32 (quantized experts only: SCALAR_GGUF). The output has this dtype.
       param_dtype: dtype of the dense expert kernels (the router kernel is float32).
@@ -132,7 +133,7 @@ class MoE(nnx.Module):
         shared_expert_gate: bool = False,
         router_bias: bool = False,
         selection_bias: bool = False,
-        weight_layout: str = "ekn",
+        weight_layout: str | WeightLayout = "ekn",
         dtype: Any = jnp.bfloat16,
         param_dtype: Any = jnp.bfloat16,
         kernel_init: Callable | None = None,

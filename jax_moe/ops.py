@@ -11,24 +11,16 @@ import numpy as np
 from . import batching as _batching  # noqa: F401  (registers the batching rule)
 from . import lowering as _lowering  # noqa: F401  (registers the lowerings)
 from . import partitioning as _partitioning  # binds moe_matmul_p through its sharding rule
-from .kinds import MoeKind, WeightLayout, dense_wtype
+from .kinds import DENSE_DTYPES, MoeKind, WeightLayout, as_layout, dense_wtype
 from .primitive import moe_matmul_p  # noqa: F401  (bound via partitioning.bind)
 from .quantized import QuantizedExperts
 from .shapes import check_expert_ids, check_kind_dtypes
 
 
-def _layout(weight_layout: str | WeightLayout) -> WeightLayout:
-    if isinstance(weight_layout, WeightLayout):
-        return weight_layout
-    if isinstance(weight_layout, str) and weight_layout.upper() in WeightLayout.__members__:
-        return WeightLayout[weight_layout.upper()]
-    raise ValueError(f'weight_layout must be "enk" ([E, N, K]) or "ekn" ([E, K, N]); got {weight_layout!r}')
-
-
 def _kind(kind: MoeKind | int | str | None, quantized: bool, x_dtype, w_dtype) -> MoeKind:
     if kind is None:
         if not quantized:
-            if np.dtype(x_dtype).name not in ("float16", "bfloat16") or np.dtype(w_dtype) != np.dtype(x_dtype):
+            if np.dtype(x_dtype) not in DENSE_DTYPES or np.dtype(w_dtype) != np.dtype(x_dtype):
                 raise TypeError(
                     "dense experts run in float16 or bfloat16 with x and w of the same dtype; got "
                     f"x {np.dtype(x_dtype).name} and w {np.dtype(w_dtype).name} (cast both, or "
@@ -62,8 +54,9 @@ def moe_matmul(
         ``[T, k, K]`` (pair (t, j) reads its own row: the down projection). float32 (with
         quantized w only: SCALAR_GGUF), float16 or bfloat16.
       expert_ids: int32 ``[T, k]``. An id outside ``[0, E)`` makes its pair contribute zero.
-      w: dense expert weights of x's dtype, ``[E, N, K]`` (``weight_layout="enk"``, GGUF's
-        layout) or ``[E, K, N]`` (``"ekn"``, Flax's); or ``QuantizedExperts`` ``[E, N, K]``.
+      w: dense expert weights of x's dtype, ``[E, N, K]`` (``weight_layout="enk"``, the
+        default: GGUF's layout) or ``[E, K, N]`` (``"ekn"``, Flax's); or ``QuantizedExperts``
+        ``[E, N, K]``.
       scores: routing weights ``[T, k]`` (float32 or x's dtype), or None for 1.
       kind: the kernel kind; None picks WMMA for dense w, WMMA_GGUF for quantized w with
         float16/bfloat16 x and SCALAR_GGUF for quantized w with float32 x. An explicit kind that
@@ -73,7 +66,8 @@ def moe_matmul(
         them apart: ``out[t, j] = scores[t, j] * W[ids[t, j]] @ xrow(t, j)``, ``[T, k, N]``.
       out_dtype: output dtype (float32, float16 or bfloat16); default x's dtype (float32 for
         SCALAR_GGUF, which always writes float32).
-      weight_layout: ``"enk"`` or ``"ekn"`` for dense w (quantized w is always ENK).
+      weight_layout: ``"enk"`` (default) or ``"ekn"``, or a ``WeightLayout``, for dense w
+        (quantized w is always ENK). Square weights (N == K) fit both: say which you hold.
 
     Accumulation is float32 and the reduction over k runs in a fixed order, so results are
     bitwise reproducible. Inference-only: differentiating through it raises an error.
@@ -82,7 +76,7 @@ def moe_matmul(
     expert_ids = jnp.asarray(expert_ids)
     check_expert_ids(expert_ids.shape, expert_ids.dtype)
     quantized = isinstance(w, QuantizedExperts)
-    layout = _layout(weight_layout)
+    layout = as_layout(weight_layout)
     if quantized:
         if layout != WeightLayout.ENK:
             raise ValueError('quantized experts are stored [E, N, K]: weight_layout must be "enk"')

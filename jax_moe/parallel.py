@@ -40,6 +40,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .ffn import GateUp, MoEWeights, SharedExpert, Weight, moe_ffn, router_logits
 from .partitioning import local_expert_ids
+from .kinds import WeightLayout
 from .quantized import QuantizedExperts
 
 __all__ = ["ExpertParallel", "expert_parallel_ffn"]
@@ -199,7 +200,7 @@ class ExpertParallel:
         down: Weight,
         *,
         activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu",
-        weight_layout: str = "enk",
+        weight_layout: str | WeightLayout = "enk",
         shared: SharedExpert | None = None,
         out_dtype: Any = None,
     ) -> jax.Array:

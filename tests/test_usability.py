@@ -119,3 +119,80 @@ def test_linen_grad_over_params_of_a_model_with_a_frozen_moe(rng):
     g = jax.grad(lambda p: Model().apply({**variables, "params": p}, x))(variables["params"])
     np.testing.assert_allclose(np.asarray(g["Dense_0"]["kernel"]),
                                np.repeat(np.asarray(x).sum(0)[:, None], 256, 1), rtol=1e-5)
+
+
+# -- weight layouts -----------------------------------------------------------------------------
+def _routing(rng, T, k, E):
+    ids = jnp.asarray(rng.integers(0, E, (T, k)), jnp.int32)
+    scores = jnp.asarray(rng.random((T, k)), jnp.float32)
+    return ids, scores
+
+
+def test_a_layout_mistake_names_the_other_layout(rng):
+    T, k, E, N, K = 4, 2, 3, 64, 32
+    x = jnp.asarray(rng.standard_normal((T, K)), jnp.bfloat16)
+    ids, scores = _routing(rng, T, k, E)
+    w_ekn = jnp.asarray(rng.standard_normal((E, K, N)), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r'fit \[E, K, N\]: pass weight_layout="ekn"'):
+        jax_moe.moe_matmul(x, ids, w_ekn, scores)
+    with pytest.raises(ValueError, match=r'fit \[E, N, K\]: pass weight_layout="enk"'):
+        jax_moe.moe_matmul(x, ids, jnp.swapaxes(w_ekn, 1, 2), scores, weight_layout="ekn")
+    # moe_ffn: gate_up [E, D, 2F] and down [E, F, D] are Flax's layout
+    D, F = 32, 64
+    xd = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
+    gu = jnp.asarray(rng.standard_normal((E, D, 2 * F)) / 8, jnp.bfloat16)
+    dn = jnp.asarray(rng.standard_normal((E, F, D)) / 8, jnp.bfloat16)
+    with pytest.raises(ValueError, match=r'gate_up must contract.*pass weight_layout="ekn"'):
+        jax_moe.moe_ffn(xd, ids, scores, gu, dn)
+    # a layout is a WeightLayout or its name, everywhere
+    a = jax_moe.moe_ffn(xd, ids, scores, gu, dn, weight_layout=jax_moe.WeightLayout.EKN)
+    b = jax_moe.moe_ffn(xd, ids, scores, gu, dn, weight_layout="EKN")
+    c = jax_moe.moe_ffn(xd, ids, scores, jnp.swapaxes(gu, 1, 2), jnp.swapaxes(dn, 1, 2))
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
+    fused = jax_moe.fuse_gate_up(gu[:, :, :F], gu[:, :, F:], weight_layout=jax_moe.WeightLayout.EKN)
+    np.testing.assert_array_equal(np.asarray(fused, np.float32), np.asarray(gu, np.float32))
+    with pytest.raises(ValueError, match=r'weight_layout must be "enk".*or a jax_moe.WeightLayout'):
+        jax_moe.moe_ffn(xd, ids, scores, gu, dn, weight_layout="nke")
+
+
+def test_square_weights_pin_each_entry_points_default_layout(rng):
+    """Square [E, 128, 128] weights fit both layouts, so nothing can catch a wrong one: this
+    pins the defaults (moe_matmul, moe_ffn, MoEWeights: "enk"; the Flax modules: "ekn")."""
+    nnx = pytest.importorskip("flax.nnx")
+    import inspect
+
+    import jax_moe.linen
+    import jax_moe.nnx
+
+    T, k, E, S = 6, 2, 3, 128
+    x = jnp.asarray(rng.standard_normal((T, S)), jnp.bfloat16)
+    ids, scores = _routing(rng, T, k, E)
+    w = jnp.asarray(rng.standard_normal((E, S, S)), jnp.bfloat16)
+    xf, wf = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    idn, sn = np.asarray(ids), np.asarray(scores, np.float64)
+    enk = np.stack([sum(sn[t, j] * wf[idn[t, j]] @ xf[t] for j in range(k)) for t in range(T)])
+    ekn = np.stack([sum(sn[t, j] * xf[t] @ wf[idn[t, j]] for j in range(k)) for t in range(T)])
+    assert np.abs(enk - ekn).max() > 1.0  # the two readings are far apart
+    out = np.asarray(jax_moe.moe_matmul(x, ids, w, scores), np.float64)
+    np.testing.assert_allclose(out, enk, rtol=2e-2, atol=2e-2 * np.abs(enk).max())
+    out = np.asarray(jax_moe.moe_matmul(x, ids, w, scores, weight_layout="ekn"), np.float64)
+    np.testing.assert_allclose(out, ekn, rtol=2e-2, atol=2e-2 * np.abs(ekn).max())
+    # moe_ffn: the same weights as gate_up (square: 2F = D) read [E, N, K] by default
+    gu = jnp.asarray(rng.standard_normal((E, S, S)) / 16, jnp.bfloat16)
+    dn = jnp.asarray(rng.standard_normal((E, S, S // 2)) / 16, jnp.bfloat16)
+    y = jax_moe.moe_ffn(x, ids, scores, gu, dn)
+    y_enk = jax_moe.moe_ffn(x, ids, scores, gu, dn, weight_layout="enk")
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_enk, np.float32))
+    assert jax_moe.MoEWeights(router=None, down=None).weight_layout == "enk"
+    # the Flax modules hold Flax's [E, D_in, D_out] kernels by default
+    m = jax_moe.nnx.MoE(S, S // 2, E, rngs=nnx.Rngs(0))
+    assert m.weight_layout == "ekn" and m.gate_up[...].shape == (E, S, S)
+    assert inspect.signature(jax_moe.nnx.MoE.__init__).parameters["weight_layout"].default == "ekn"
+    assert jax_moe.linen.MoE(S, S // 2, E).weight_layout == "ekn"
+    ym = np.asarray(m(x), np.float32)
+    w_ = m.weights()
+    ref = jax_moe.moe_block(x, w_.router, w_.gate_up, w_.down, router=w_.config, weight_layout="ekn")
+    np.testing.assert_array_equal(ym, np.asarray(ref, np.float32))
+    assert jax_moe.nnx.MoE(S, S // 2, E, weight_layout=jax_moe.WeightLayout.ENK,
+                           rngs=nnx.Rngs(0)).weight_layout == "enk"
