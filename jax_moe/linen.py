@@ -168,8 +168,9 @@ class MoE(nn.Module):
         """Quantize the dense expert kernels of ``variables`` on the host.
 
         Returns ``(module, variables)``: a clone of this module whose ``quantization`` names
-        the quantized kernels, and variables with those kernels moved from ``"params"`` to
-        ``"quantized"``. ``down_qtype`` (default ``qtype``) is the format of the down kernels;
+        the quantized kernels, and variables with those kernels moved from ``"experts"`` to
+        ``"quantized"``. Each kernel's sharding and partitioning metadata (``nn.Partitioned``
+        names) carry over to its blocks: E and N keep their axes, an axis on K is dropped. ``down_qtype`` (default ``qtype``) is the format of the down kernels;
         a preset such as ``"Q4_K_M"`` (gate/up Q4_K, down Q6_K) sets both (``jax_moe.kinds.PRESETS``).
         """
         qt, dqt = expert_qtypes(qtype, down_qtype)
@@ -183,11 +184,18 @@ class MoE(nn.Module):
             if name not in experts:
                 continue
             t = dqt if name in _modules.DOWN_NAMES else qt
-            a = _quantized.experts_enk(jnp.asarray(meta.unbox(experts[name])).astype(jnp.float32), layout, name, t)
-            todo.append((name, a, t))
-        for name, a, t in todo:
+            value = meta.unbox(experts[name])
+            a = _quantized.experts_enk(jnp.asarray(value).astype(jnp.float32), layout, name, t)
+            todo.append((name, a, t, experts[name], value))
+        for name, a, t, boxed, value in todo:
             q = _quantized.quantize(a, t)
-            quantized_vars[name] = jax.device_put(np.asarray(q.data), may_alias=True)
+            shared = name.startswith("shared")
+            sharding = _quantized.quantized_sharding(value, layout, shared=shared)
+            data = jax.device_put(np.asarray(q.data), sharding, may_alias=True)
+            if isinstance(boxed, nn.Partitioned):  # keep the logical axis names, moved like the data
+                data = boxed.replace_boxed(data).replace(
+                    names=_quantized.quantized_spec(boxed.names, value.ndim, layout, shared=shared))
+            quantized_vars[name] = data
             quant[name] = t.name
             del experts[name]
         variables[EXPERTS] = experts

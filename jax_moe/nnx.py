@@ -82,9 +82,28 @@ class RoutingBias(nnx.Variable):
     """
 
 
-def _quantized_variable(q: _quantized.QuantizedExperts) -> QuantizedWeight:
-    data = q.data if isinstance(q.data, jax.Array) else jax.device_put(np.asarray(q.data), may_alias=True)
-    return QuantizedWeight(data, qtype=GGMLType(q.qtype), logical_shape=tuple(q.shape))
+def _quantized_variable(q: _quantized.QuantizedExperts, sharding: Any = None,
+                        **metadata: Any) -> QuantizedWeight:
+    if isinstance(q.data, jax.Array) and sharding is None:
+        data = q.data
+    else:
+        data = jax.device_put(np.asarray(q.data), sharding, may_alias=True)
+    var = QuantizedWeight(data, qtype=GGMLType(q.qtype), logical_shape=tuple(q.shape))
+    if metadata:  # after construction: the data is placed already (no eager resharding)
+        var.set_metadata(**metadata)
+    return var
+
+
+def _quantized_placement(var: nnx.Variable, value: Any, layout: str, shared: bool
+                         ) -> tuple[Any, dict]:
+    """The sharding and metadata a dense expert variable's quantized blocks keep: E and N stay
+    where they were (on the same mesh), K's axis is dropped (blocks are never split)."""
+    metadata = {k: v for k, v in var.get_metadata().items()
+                if k not in ("qtype", "logical_shape")}
+    for key in ("out_sharding", "sharding"):  # Flax's partitioning metadata (logical names)
+        if metadata.get(key) is not None:
+            metadata[key] = _quantized.quantized_spec(metadata[key], value.ndim, layout, shared=shared)
+    return _quantized.quantized_sharding(value, layout, shared=shared), metadata
 
 
 class MoE(nnx.Module):
@@ -238,7 +257,9 @@ class MoE(nnx.Module):
           down_qtype: format of the down kernels (default ``qtype``).
 
         The shared expert's kernels get the same formats. The router stays float32. Each kernel's
-        contracting dimension must be a multiple of the format's block size (32 or 256).
+        contracting dimension must be a multiple of the format's block size (32 or 256). Each
+        kernel's sharding and partitioning metadata (``out_sharding``) carry over to its blocks:
+        E and N keep their mesh axes, an axis on K is dropped (GGUF blocks are never split).
         """
         qt, dqt = expert_qtypes(qtype, down_qtype)
         plan = {"gate_up": qt, "gate": qt, "up": qt, "down": dqt,
@@ -248,10 +269,12 @@ class MoE(nnx.Module):
             var = getattr(self, name)
             if not isinstance(var, (ExpertWeight, nnx.Param)) or isinstance(var, QuantizedWeight):
                 continue
-            a = _quantized.experts_enk(jnp.asarray(var[...]).astype(jnp.float32), self.weight_layout, name, t)
-            todo.append((name, a, t))
-        for name, a, t in todo:  # all checked before anything changes
-            setattr(self, name, _quantized_variable(_quantized.quantize(a, t)))
+            value = var[...]
+            a = _quantized.experts_enk(jnp.asarray(value).astype(jnp.float32), self.weight_layout, name, t)
+            placement = _quantized_placement(var, value, self.weight_layout, name.startswith("shared"))
+            todo.append((name, a, t, placement))
+        for name, a, t, (sharding, metadata) in todo:  # all checked before anything changes
+            setattr(self, name, _quantized_variable(_quantized.quantize(a, t), sharding, **metadata))
         return self
 
     @classmethod

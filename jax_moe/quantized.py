@@ -105,6 +105,36 @@ def experts_enk(array: Any, weight_layout: str, name: str, qtype: GGMLType) -> n
     return a
 
 
+def quantized_spec(spec: Any, ndim: int, weight_layout: str, *, shared: bool = False) -> tuple:
+    """Where a dense expert kernel's dimensions go when it is quantized.
+
+    ``spec`` names, per dimension of the dense kernel (rank ``ndim``: ``[..., E, N, K]`` /
+    ``[..., E, K, N]``, or the shared expert's ``[..., N, K]`` / ``[..., K, N]``), its mesh axis
+    or logical axis name (a PartitionSpec, or Flax's ``out_sharding`` / ``nn.Partitioned``
+    names; missing trailing entries are None). Returns the same for the quantized block data
+    ``[..., E, N, Kb]`` (shared: ``[..., 1, N, Kb]``): E and N keep theirs, K's is dropped
+    (GGUF blocks run along K and are never split) and the shared expert's new E axis is None.
+    """
+    spec = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+    tail = 2 if shared else 3
+    lead, dims = spec[:ndim - tail], spec[ndim - tail:]
+    e = None if shared else dims[0]
+    n = dims[-2] if weight_layout == "enk" else dims[-1]
+    return (*lead, e, n, None)
+
+
+def quantized_sharding(value: Any, weight_layout: str, *, shared: bool = False) -> Any:
+    """The sharding for the quantized blocks of the dense kernel ``value``: its NamedSharding
+    moved by :func:`quantized_spec` (same mesh), its single device, or None (default placement)."""
+    sharding = getattr(value, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = quantized_spec(sharding.spec, value.ndim, weight_layout, shared=shared)
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    return None
+
+
 def quantize(array: Any, qtype: GGMLType | int | str) -> QuantizedExperts:
     """Quantize expert weights ``[E, N, K]`` (any float dtype, numpy or jax) on the host.
 
