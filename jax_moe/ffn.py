@@ -142,7 +142,7 @@ def _weight(w: Any, name: str, layout: str, *, allow_2d: bool = False) -> _W:
 
 
 def _project(x: jax.Array, ids: jax.Array, w: _W, scores: jax.Array | None, *,
-             reduce: bool, out_dtype: Any = None) -> jax.Array:
+             reduce: bool, out_dtype: Any = None, kind: Any = None) -> jax.Array:
     """One moe_matmul call; the input is cast to the dtype this weight computes in."""
     if w.quantized:
         xin = x  # float32 -> SCALAR_GGUF, float16/bfloat16 -> WMMA_GGUF
@@ -151,7 +151,7 @@ def _project(x: jax.Array, ids: jax.Array, w: _W, scores: jax.Array | None, *,
     else:
         xin = x.astype(w.w.dtype)
     return _ops.moe_matmul(xin, ids, w.w, scores, reduce=reduce, out_dtype=out_dtype,
-                           weight_layout=w.layout)
+                           weight_layout=w.layout, kind=kind)
 
 
 def _gate_up_weights(gate_up: Any, name: str, layout: str, *, allow_2d: bool = False
@@ -173,16 +173,16 @@ def _gate_up_weights(gate_up: Any, name: str, layout: str, *, allow_2d: bool = F
     return (gu,)
 
 
-def _ffn_hidden(x2: jax.Array, ids: jax.Array, gate_up: tuple[_W, ...], act: Callable
-                ) -> jax.Array:
+def _ffn_hidden(x2: jax.Array, ids: jax.Array, gate_up: tuple[_W, ...], act: Callable,
+                kind: Any = None) -> jax.Array:
     """Gate/up projections and the activation: float32 ``[T, k, F]``."""
     if len(gate_up) == 1:
-        gu = _project(x2, ids, gate_up[0], None, reduce=False).astype(jnp.float32)
+        gu = _project(x2, ids, gate_up[0], None, reduce=False, kind=kind).astype(jnp.float32)
         f = gate_up[0].N // 2
         gate, up = gu[..., :f], gu[..., f:]
     else:
-        gate = _project(x2, ids, gate_up[0], None, reduce=False).astype(jnp.float32)
-        up = _project(x2, ids, gate_up[1], None, reduce=False).astype(jnp.float32)
+        gate = _project(x2, ids, gate_up[0], None, reduce=False, kind=kind).astype(jnp.float32)
+        up = _project(x2, ids, gate_up[1], None, reduce=False, kind=kind).astype(jnp.float32)
     return act(gate, up)
 
 
@@ -210,6 +210,8 @@ def moe_ffn(
     weight_layout: str | WeightLayout = "enk",
     shared: SharedExpert | None = None,
     out_dtype: Any = None,
+    kind: Any = None,
+    debug_checks: bool = False,
 ) -> jax.Array:
     """The routed expert FFN (plus an optional shared expert) of an MoE block.
 
@@ -229,6 +231,10 @@ def moe_ffn(
         ``[E, N, K]``.
       shared: optional :class:`SharedExpert`.
       out_dtype: output dtype (default: ``x.dtype``).
+      kind: the ``MoeKind`` of every projection (default: chosen per weight, see
+        ``moe_matmul``); one that contradicts a weight's dtype raises TypeError.
+      debug_checks: checkify-check that the ids lie in ``[0, E)`` and the scores are finite
+        (see :func:`jax_moe.check_routing`; run under ``checkify.checkify``).
 
     Returns:
       ``[..., D]`` in ``out_dtype``.
@@ -268,6 +274,8 @@ def moe_ffn(
                          f"gate_up and x; got {[dn.E, dn.N, dn.K]} in weight_layout="
                          f"{weight_layout!r}{_hint(dn, f)}")
 
+    if debug_checks:
+        _ops.check_routing(expert_ids, scores, gu[0].E, where="moe_ffn")
     lead = x.shape[:-1]
     k = expert_ids.shape[-1]
     tokens = math.prod(lead)
@@ -275,16 +283,17 @@ def moe_ffn(
     ids2 = expert_ids.reshape(tokens, k).astype(jnp.int32)
     scores2 = scores.reshape(tokens, k).astype(jnp.float32)
 
-    h = _ffn_hidden(x2, ids2, gu, act)  # [T, k, F] float32
+    h = _ffn_hidden(x2, ids2, gu, act, kind)  # [T, k, F] float32
     routed_dtype = jnp.float32 if shared is not None else out_dtype
-    y = _project(_down_input(h, dn, x.dtype), ids2, dn, scores2, reduce=True, out_dtype=routed_dtype)
+    y = _project(_down_input(h, dn, x.dtype), ids2, dn, scores2, reduce=True, out_dtype=routed_dtype,
+                 kind=kind)
     if shared is not None:
-        y = y.astype(jnp.float32) + _shared_ffn(x2, shared, weight_layout, act, d_model)
+        y = y.astype(jnp.float32) + _shared_ffn(x2, shared, weight_layout, act, d_model, kind)
     return y.astype(out_dtype).reshape(*lead, d_model)
 
 
 def _shared_ffn(x2: jax.Array, shared: SharedExpert, layout: str, act: Callable,
-                d_model: int) -> jax.Array:
+                d_model: int, kind: Any = None) -> jax.Array:
     """The shared expert on ``x2 [T, D]``: float32 ``[T, D]``."""
     if not isinstance(shared, SharedExpert):
         raise TypeError(f"shared must be a jax_moe.ffn.SharedExpert; got {type(shared).__name__}")
@@ -298,8 +307,9 @@ def _shared_ffn(x2: jax.Array, shared: SharedExpert, layout: str, act: Callable,
         raise ValueError(f"shared.down must be logically [1, D, Fs] = {[1, d_model, fs]}; "
                          f"got {[dn.E, dn.N, dn.K]}")
     ids = jnp.zeros((x2.shape[0], 1), jnp.int32)
-    h = _ffn_hidden(x2, ids, gu, act)
-    y = _project(_down_input(h, dn, x2.dtype), ids, dn, None, reduce=False, out_dtype=jnp.float32)
+    h = _ffn_hidden(x2, ids, gu, act, kind)
+    y = _project(_down_input(h, dn, x2.dtype), ids, dn, None, reduce=False, out_dtype=jnp.float32,
+                 kind=kind)
     y = y[:, 0, :].astype(jnp.float32)
     if shared.gate is not None:
         g = jnp.asarray(shared.gate)
@@ -366,6 +376,8 @@ def moe_block(
     shared: SharedExpert | None = None,
     out_dtype: Any = None,
     return_routing: bool = False,
+    kind: Any = None,
+    debug_checks: bool = False,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """A whole MoE block: float32 router, top-k routing, expert FFN (+ shared expert).
 
@@ -377,6 +389,7 @@ def moe_block(
       router_bias: optional ``[E]`` bias added to the logits (gpt-oss).
       selection_bias: optional ``[E]`` selection-only bias (DeepSeek-V3's ``exp_probs_b``).
       return_routing: also return ``(expert_ids, scores)``.
+      kind, debug_checks: as in :func:`moe_ffn`. The router's E must be the experts' E.
 
     Returns:
       ``[..., D]``, and ``(expert_ids int32 [..., k], scores f32 [..., k])`` if ``return_routing``.
@@ -385,9 +398,14 @@ def moe_block(
         raise TypeError(f"router must be a jax_moe.routing.RouterConfig; got {type(router).__name__}")
     x = jnp.asarray(x)
     logits = router_logits(x, router_kernel, router_bias)
+    gu = _gate_up_weights(gate_up, "gate_up", _check_layout(weight_layout))
+    if logits.shape[-1] != gu[0].E:
+        raise ValueError(f"the router scores E = {logits.shape[-1]} experts (router_kernel "
+                         f"{list(jnp.shape(router_kernel))}) but gate_up holds {gu[0].E}: ids "
+                         f">= {gu[0].E} would add nothing")
     ids, scores = router(logits, selection_bias)
     out = moe_ffn(x, ids, scores, gate_up, down, activation=activation, weight_layout=weight_layout,
-                  shared=shared, out_dtype=out_dtype)
+                  shared=shared, out_dtype=out_dtype, kind=kind, debug_checks=debug_checks)
     return (out, (ids, scores)) if return_routing else out
 
 
@@ -484,12 +502,14 @@ class MoEWeights:
                 out[name] = w.qtype.name if isinstance(w, QuantizedExperts) else jnp.dtype(w.dtype).name
         return out
 
-    def __call__(self, x: jax.Array, *, out_dtype: Any = None, return_routing: bool = False):
+    def __call__(self, x: jax.Array, *, out_dtype: Any = None, return_routing: bool = False,
+                 kind: Any = None, debug_checks: bool = False):
         """Run the block on ``x [..., D]`` (see :func:`moe_block`)."""
         return moe_block(x, self.router, self.experts_gate_up, self.down, router=self.config,
                          router_bias=self.router_bias, selection_bias=self.selection_bias,
                          activation=self.activation, weight_layout=self.weight_layout,
-                         shared=self.shared, out_dtype=out_dtype, return_routing=return_routing)
+                         shared=self.shared, out_dtype=out_dtype, return_routing=return_routing,
+                         kind=kind, debug_checks=debug_checks)
 
 
 jax.tree_util.register_dataclass(

@@ -16,6 +16,18 @@ class MoeKind(enum.IntEnum):
     WMMA_GGUF = 2  #: f16/bf16 activations, GGUF weights decoded to the activation dtype
 
 
+def as_kind(kind: MoeKind | int | str | None, name: str = "kind") -> MoeKind | None:
+    """Normalize ``kind`` (a MoeKind, its int value or its name; None: chosen from the dtypes)
+    to a MoeKind or None, or raise ValueError naming ``name``."""
+    if kind is None:
+        return None
+    try:
+        return MoeKind[kind.upper()] if isinstance(kind, str) else MoeKind(kind)
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"{name} must be a MoeKind (SCALAR_GGUF, WMMA, WMMA_GGUF) or None; "
+                         f"got {kind!r}") from None
+
+
 class GGMLType(enum.IntEnum):
     """ggml's tensor type ids (the values GGUF files store)."""
 

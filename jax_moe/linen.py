@@ -35,7 +35,7 @@ from flax.core import meta, unfreeze
 from . import modules as _modules
 from . import quantized as _quantized
 from .ffn import MoEWeights
-from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_qtype, expert_qtypes, row_bytes
+from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_kind, as_qtype, expert_qtypes, row_bytes
 from .routing import RouterConfig
 
 __all__ = ["MoE", "BUFFERS", "EXPERTS", "QUANTIZED", "ROUTER"]
@@ -58,7 +58,8 @@ class MoE(nn.Module):
     ``shared_hidden_features``, ``shared_expert_gate``, ``use_router_bias``,
     ``use_selection_bias``, ``weight_layout`` (``"ekn"`` default as in NNX, where ``moe_matmul``
     and ``moe_ffn`` default to ``"enk"``; or ``"enk"``, or a ``WeightLayout``), ``dtype``,
-    ``param_dtype``, ``kernel_init``, ``router_init``, ``trainable_router``; plus:
+    ``param_dtype``, ``kernel_init``, ``router_init``, ``trainable_router``, ``kind``,
+    ``debug_checks``; plus:
 
     - ``fused_gate_up``: one ``gate_up`` kernel (default) or separate ``gate`` and ``up``;
       ``fused_shared_gate_up`` the same for the shared expert (None: as ``fused_gate_up``).
@@ -84,6 +85,8 @@ class MoE(nn.Module):
     kernel_init: Callable | None = None
     router_init: Callable = nn.initializers.lecun_normal()
     trainable_router: bool = False
+    kind: Any = None
+    debug_checks: bool = False
 
     def _layout(self) -> str:
         return _modules.check_options(self.weight_layout, self.activation, self.dtype)
@@ -160,7 +163,8 @@ class MoE(nn.Module):
         x = jnp.asarray(x)
         if x.shape[-1:] != (self.features,):
             raise ValueError(f"MoE: x must be [..., {self.features}]; got shape {list(x.shape)}")
-        return self.weights()(x.astype(self.dtype), return_routing=return_routing)
+        return self.weights()(x.astype(self.dtype), return_routing=return_routing,
+                              kind=as_kind(self.kind, "MoE: kind"), debug_checks=self.debug_checks)
 
     # -- conversion (on unbound modules) -------------------------------------------------------
     def quantize(self, variables: Any, qtype: GGMLType | str, *,

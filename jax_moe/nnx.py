@@ -44,7 +44,7 @@ from flax import nnx
 from . import modules as _modules
 from . import quantized as _quantized
 from .ffn import MoEWeights
-from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, expert_qtypes
+from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_kind, expert_qtypes
 from .routing import RouterConfig
 
 __all__ = ["ExpertWeight", "MoE", "QuantizedWeight", "RouterWeight", "RoutingBias"]
@@ -132,6 +132,11 @@ class MoE(nnx.Module):
         :class:`RouterWeight`, frozen like the experts). The block's output depends on the
         router only through the routing scores, which moe_matmul cannot differentiate, so only
         gradients that reach the router by another path (an auxiliary loss on its logits) work.
+      kind: the ``MoeKind`` every projection runs (default None: WMMA for dense experts,
+        WMMA_GGUF for quantized ones with bfloat16/float16 ``dtype``, SCALAR_GGUF with float32);
+        ``jax_moe.explain`` says what a kind runs on a platform.
+      debug_checks: checkify-check the routing (ids in ``[0, E)``, finite scores): call the
+        module under ``jax.experimental.checkify.checkify``.
       rngs: ``nnx.Rngs``.
 
     Variables: ``router_kernel [D, E]``; ``gate_up`` (``[E, D, 2F]`` in ``"ekn"``, gate columns
@@ -158,6 +163,8 @@ class MoE(nnx.Module):
         kernel_init: Callable | None = None,
         router_init: Callable | None = None,
         trainable_router: bool = False,
+        kind: Any = None,
+        debug_checks: bool = False,
         rngs: nnx.Rngs,
     ):
         for name, v in (("features", features), ("hidden_features", hidden_features),
@@ -177,6 +184,8 @@ class MoE(nnx.Module):
         self.dtype = dtype
         self.param_dtype = jnp.dtype(param_dtype)
         self.trainable_router = bool(trainable_router)
+        self.kind = as_kind(kind, "MoE: kind")
+        self.debug_checks = bool(debug_checks)
         router_var = nnx.Param if self.trainable_router else RouterWeight
 
         D, F, E = self.features, self.hidden_features, self.num_experts
@@ -244,7 +253,8 @@ class MoE(nnx.Module):
         x = jnp.asarray(x)
         if x.shape[-1:] != (self.features,):
             raise ValueError(f"MoE: x must be [..., {self.features}]; got shape {list(x.shape)}")
-        return self.weights()(x.astype(self.dtype), return_routing=return_routing)
+        return self.weights()(x.astype(self.dtype), return_routing=return_routing,
+                              kind=self.kind, debug_checks=self.debug_checks)
 
     # -- conversion ----------------------------------------------------------------------------
     def quantize(self, qtype: GGMLType | str, *, down_qtype: GGMLType | str | None = None) -> MoE:

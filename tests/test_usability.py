@@ -196,3 +196,125 @@ def test_square_weights_pin_each_entry_points_default_layout(rng):
     np.testing.assert_array_equal(ym, np.asarray(ref, np.float32))
     assert jax_moe.nnx.MoE(S, S // 2, E, weight_layout=jax_moe.WeightLayout.ENK,
                            rngs=nnx.Rngs(0)).weight_layout == "enk"
+
+
+# -- checked mode, kind= on the modules, explain --------------------------------------------------
+def _ffn(rng, E=8, D=256, F=256):
+    gu = jax_moe.quantize(rng.standard_normal((E, 2 * F, D)) / 16, "Q8_0")
+    dn = jax_moe.quantize(rng.standard_normal((E, D, F)) / 16, "Q8_0")
+    return gu, dn
+
+
+def test_router_over_more_experts_than_the_weights_is_an_error(rng):
+    gu, dn = _ffn(rng)
+    x = jnp.asarray(rng.standard_normal((8, 256)), jnp.bfloat16)
+    router16 = jnp.asarray(rng.standard_normal((256, 16)), jnp.float32)
+    with pytest.raises(ValueError, match=r"router scores E = 16 experts.*gate_up holds 8"):
+        jax_moe.moe_block(x, router16, gu, dn, router=RouterConfig.mixtral(k=2))
+
+
+def test_checked_mode_reports_bad_ids_and_non_finite_scores(rng):
+    from jax.experimental import checkify
+
+    gu, dn = _ffn(rng)
+    x = jnp.asarray(rng.standard_normal((8, 256)), jnp.bfloat16)
+    ids, scores = jax_moe.route(jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+                                RouterConfig.mixtral(k=2))  # 16 experts' ids into 8 experts
+    ffn = jax.jit(checkify.checkify(
+        lambda ids, s: jax_moe.moe_ffn(x, ids, s, gu, dn, debug_checks=True)))
+    err, _ = ffn(ids, scores)
+    lo, hi = int(ids.min()), int(ids.max())
+    assert hi >= 8, "the routing must reach past the 8 experts for this test"
+    assert f"moe_ffn: expert ids must lie in [0, 8) (the experts of the weights); got ids from {lo} to {hi}" \
+        in err.get()
+    with pytest.raises(checkify.JaxRuntimeError,
+                       match=r"expert ids must lie in \[0, 8\)"):
+        err.throw()
+    ok_ids = ids % 8
+    err, y = ffn(ok_ids, scores)
+    assert err.get() is None
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(jax_moe.moe_ffn(x, ok_ids, scores, gu, dn), np.float32))
+    err, _ = ffn(ok_ids, scores.at[3, 1].set(jnp.nan).at[5, 0].set(jnp.inf))
+    assert "moe_ffn: routing scores must be finite; got 2 NaN or Inf values" in err.get()
+    # moe_matmul itself
+    w = jnp.asarray(rng.standard_normal((8, 64, 256)), jnp.bfloat16)
+    err, _ = checkify.checkify(lambda i: jax_moe.moe_matmul(x, i, w, scores, debug_checks=True))(ids)
+    assert "moe_matmul: expert ids must lie in [0, 8)" in err.get()
+
+
+def test_modules_take_kind_and_debug_checks(rng):
+    nnx = pytest.importorskip("flax.nnx")
+    from jax.experimental import checkify
+
+    import jax_moe.linen
+    import jax_moe.nnx
+
+    x = jnp.asarray(rng.standard_normal((6, 256)), jnp.bfloat16)
+    m = jax_moe.nnx.MoE(256, 256, 8, router=2, rngs=nnx.Rngs(int(rng.integers(2**31))))
+    m.quantize("Q8_0")
+    y = m(x)
+    m.kind = jax_moe.MoeKind.WMMA_GGUF
+    np.testing.assert_array_equal(np.asarray(m(x), np.float32), np.asarray(y, np.float32))
+    m.kind = jax_moe.MoeKind.WMMA
+    with pytest.raises(TypeError, match="kind=WMMA runs dense"):
+        m(x)
+    with pytest.raises(TypeError, match="kind=WMMA runs dense"):
+        jax_moe.nnx.MoE(256, 256, 8, kind="WMMA", rngs=nnx.Rngs(0)).quantize("Q8_0")(x)
+    with pytest.raises(ValueError, match="MoE: kind must be a MoeKind"):
+        jax_moe.nnx.MoE(256, 256, 8, kind="TENSOR", rngs=nnx.Rngs(0))
+    m.kind, m.debug_checks = None, True
+    err, y2 = checkify.checkify(lambda x: m(x))(x)
+    assert err.get() is None
+    np.testing.assert_array_equal(np.asarray(y2, np.float32), np.asarray(y, np.float32))
+    lm = jax_moe.linen.MoE(256, 256, 8, router=2, kind="SCALAR_GGUF")
+    v = lm.clone(kind=None).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="kind=SCALAR_GGUF runs GGUF-quantized experts"):
+        lm.apply(v, x)
+    qm, qv = lm.quantize(v, "Q8_0")
+    with pytest.raises(TypeError, match="kind=SCALAR_GGUF takes float32 x"):
+        qm.apply(qv, x)
+    y32 = qm.clone(dtype=jnp.float32).apply(qv, x)
+    ref = qm.clone(dtype=jnp.float32, kind=None).apply(qv, x)
+    np.testing.assert_array_equal(np.asarray(y32), np.asarray(ref))
+
+
+def test_explain_says_kind_platform_and_path(rng, monkeypatch):
+    x = jnp.asarray(rng.standard_normal((8, 512)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, 4, (8, 2)), jnp.int32)
+    q = jax_moe.quantize(rng.standard_normal((4, 256, 512)), "Q4_K")
+    text = jax_moe.explain(x, ids, q, jnp.ones((8, 2)))
+    assert "T=8 k=2 E=4 N=256 K=512" in text and "-> [8, 256] bfloat16" in text
+    assert "kind: WMMA_GGUF (quantized w with bfloat16 x)" in text
+    assert "platform: cpu" in text and "C++ CPU implementation" in text
+    spec = jax.ShapeDtypeStruct((8, 2, 512), jnp.float32)
+    assert "kind: SCALAR_GGUF" in jax_moe.explain(spec, ids, q, reduce=False)
+    w = jax.ShapeDtypeStruct((4, 512, 256), jnp.float16)
+    assert "kind: WMMA (dense w)" in jax_moe.explain(x.astype(jnp.float16), ids, w,
+                                                       weight_layout="ekn")
+    with pytest.raises(ValueError, match='pass weight_layout="ekn"'):
+        jax_moe.explain(x.astype(jnp.float16), ids, w)  # the same errors as moe_matmul
+    with pytest.raises(TypeError, match="kind=WMMA runs dense"):
+        jax_moe.explain(x, ids, q, kind="WMMA")
+
+    class FakeCuda:
+        calls = []
+
+        def plan_description(self, *args):
+            self.calls.append(args)
+            return "kernel wmma_gguf_grouped, tile 128x128x32"
+
+        def scratch_bytes(self, *args):
+            return 4096
+
+    fake = FakeCuda()
+    monkeypatch.setattr(jax_moe._ext, "cuda", fake)
+    text = jax_moe.explain(x, ids, q, jnp.ones((8, 2)), platform="gpu")
+    assert "platform: cuda" in text and "path: kernel wmma_gguf_grouped, tile 128x128x32" in text
+    assert "scratch: 4096 bytes" in text
+    assert fake.calls == [(int(jax_moe.MoeKind.WMMA_GGUF), int(jax_moe.GGMLType.Q4_K), 0,
+                           8, 2, 4, 256, 512, 8, True)]
+    del FakeCuda.plan_description
+    assert "does not describe its plan" in jax_moe.explain(x, ids, q, platform="cuda")
+    monkeypatch.setattr(jax_moe._ext, "cuda", None)
+    assert "no CUDA module" in jax_moe.explain(x, ids, q, platform="cuda")
