@@ -340,13 +340,13 @@ def fuse_gate_up(gate: Weight, up: Weight, *, weight_layout: str | WeightLayout 
             raise TypeError(f"fuse_gate_up: gate is {gate.qtype.name} and up is {up.qtype.name}; "
                             f"only weights of one format can be fused")
         if isinstance(gate.data, np.ndarray) and isinstance(up.data, np.ndarray):
-            data = np.concatenate([gate.data, up.data], axis=1)
+            data = np.concatenate([gate.data, up.data], axis=-2)
         else:
-            data = jnp.concatenate([jnp.asarray(gate.data), jnp.asarray(up.data)], axis=1)
+            data = jnp.concatenate([jnp.asarray(gate.data), jnp.asarray(up.data)], axis=-2)
         return QuantizedExperts(data, gate.qtype, (g.E, 2 * g.N, g.K))
     if g.w.dtype != u.w.dtype:
         raise TypeError(f"fuse_gate_up: gate is {g.w.dtype} and up is {u.w.dtype}")
-    return jnp.concatenate([g.w, u.w], axis=1 if weight_layout == "enk" else 2)
+    return jnp.concatenate([g.w, u.w], axis=-2 if weight_layout == "enk" else -1)
 
 
 def router_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:

@@ -113,6 +113,11 @@ def moe_matmul(
     quantized, layout, _, w_dtype = _weights(w, weight_layout)
     w_data = jnp.asarray(w.data if quantized else w)
     kind = _kind(kind, quantized, x.dtype, None if quantized else w_dtype)
+    if quantized and w.data.ndim != 3:
+        raise ValueError(
+            f"w {w} holds stacked layers {list(w.data.shape[:-3])}: moe_matmul takes one layer's "
+            f"experts [E, N, Kb]; slice a layer (w[i]), or let jax.lax.scan / nnx.scan / vmap "
+            f"slice the layer axis")
     if quantized and x.shape[-1:] != (w.K,):
         raise ValueError(f"x must be [..., K] with K = {w.K} to match w {w}; got shape {list(x.shape)}")
     if reduce is None:

@@ -318,3 +318,74 @@ def test_explain_says_kind_platform_and_path(rng, monkeypatch):
     assert "does not describe its plan" in jax_moe.explain(x, ids, q, platform="cuda")
     monkeypatch.setattr(jax_moe._ext, "cuda", None)
     assert "no CUDA module" in jax_moe.explain(x, ids, q, platform="cuda")
+
+
+# -- stacked layers ------------------------------------------------------------------------------
+def test_quantized_experts_with_a_layer_axis(rng):
+    L, E, N, K = 3, 4, 32, 64
+    w = rng.standard_normal((L, E, N, K)).astype(np.float32)
+    q = jax_moe.quantize(w, "Q8_0")
+    assert q.shape == (E, N, K) and q.stack_shape == (L,) and q.data.shape == (L, E, N, 68)
+    assert "stacked=[3]" in repr(q)
+    np.testing.assert_array_equal(jax_moe.dequantize(q)[1], jax_moe.dequantize(q[1]))
+    np.testing.assert_array_equal(np.asarray(q[2].data), np.asarray(jax_moe.quantize(w[2], "Q8_0").data))
+    assert jax_moe.QuantizedExperts(q.data, "Q8_0", (L, E, N, K)).shape == (E, N, K)
+    with pytest.raises(ValueError, match=r"names stacked layers \[2\] but data holds \(3,\)"):
+        jax_moe.QuantizedExperts(q.data, "Q8_0", (2, E, N, K))
+    with pytest.raises(IndexError, match="no layer axis"):
+        q[0][0]
+    T, k = 5, 2
+    x = jnp.asarray(rng.standard_normal((T, K)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, E, (T, k)), jnp.int32)
+    scores = jnp.asarray(rng.random((T, k)), jnp.float32)
+    with pytest.raises(ValueError, match=r"holds stacked layers \[3\].*jax.lax.scan"):
+        jax_moe.moe_matmul(x, ids, q, scores)
+    one = [np.asarray(jax_moe.moe_matmul(x, ids, q[i], scores), np.float32) for i in range(L)]
+    scanned = jax.lax.scan(lambda c, ql: (c, jax_moe.moe_matmul(x, ids, ql, scores)), 0, q)[1]
+    vmapped = jax.vmap(lambda ql: jax_moe.moe_matmul(x, ids, ql, scores))(q)
+    np.testing.assert_array_equal(np.asarray(scanned, np.float32), np.stack(one))
+    np.testing.assert_array_equal(np.asarray(vmapped, np.float32), np.stack(one))
+    # against float64: layer 1 decoded, rounded to bfloat16 as WMMA_GGUF uses it
+    import ml_dtypes
+    wd = jax_moe.dequantize(q)[1].astype(ml_dtypes.bfloat16).astype(np.float64)
+    xf, idn, sn = np.asarray(x, np.float64), np.asarray(ids), np.asarray(scores, np.float64)
+    ref = np.stack([sum(sn[t, j] * wd[idn[t, j]] @ xf[t] for j in range(k)) for t in range(T)])
+    np.testing.assert_allclose(one[1], ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+def test_quantize_a_stacked_nnx_module(rng):
+    nnx = pytest.importorskip("flax.nnx")
+    import jax_moe.nnx
+
+    L = 2
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return jax_moe.nnx.MoE(256, 256, 4, router=2, shared_hidden_features=256, rngs=rngs)
+
+    stack = create(nnx.Rngs(int(rng.integers(2**31))))
+    dense = [np.swapaxes(np.asarray(stack.gate_up[...][i].astype(jnp.float32)), -1, -2)
+             for i in range(L)]
+    stack.quantize("Q4_K")  # before: a misleading "K = 4 is not a multiple" error
+    assert stack.gate_up[...].shape == (L, 4, 512, 144)
+    assert stack.gate_up.logical_shape == (4, 512, 256)
+    assert stack.shared_gate_up[...].shape == (L, 1, 512, 144)
+    for i in range(L):
+        np.testing.assert_array_equal(np.asarray(stack.gate_up[...][i]),
+                                      np.asarray(jax_moe.quantize(dense[i], "Q4_K").data))
+    x = jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def run(moe, x):
+        return x + moe(x)
+
+    y = nnx.jit(run)(stack, x)
+    w = stack.weights()
+    y_loop = x
+    for i in range(L):
+        layer = jax_moe.MoEWeights(
+            router=w.router[i], gate_up=w.gate_up[i], down=w.down[i], shared_gate_up=w.shared_gate_up[i],
+            shared_down=w.shared_down[i], config=w.config)
+        y_loop = y_loop + jax.jit(lambda w, x: w(x))(layer, y_loop)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_loop, np.float32))
