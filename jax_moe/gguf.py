@@ -45,16 +45,18 @@ import struct
 import warnings
 from typing import Any, Iterable, Mapping
 
-import gguf as _gguf
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from . import quantized as _quantized
+from ._extras import require
 from .ffn import ACTIVATIONS, MoEWeights
 from .kinds import QUANTIZED_TYPES, GGMLType
 from .routing import RouterConfig
+
+_gguf = require("gguf", "gguf", "jax_moe.gguf")
 
 __all__ = [
     "GGUFError",

@@ -26,17 +26,22 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta, unfreeze
 
-from . import modules as _modules
-from . import quantized as _quantized
-from .ffn import MoEWeights
-from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_kind, as_qtype, expert_qtypes, row_bytes
-from .routing import RouterConfig
+from ._extras import require
+
+nn = require("flax.linen", "flax", "jax_moe.linen")
+
+from flax.core import meta, unfreeze  # noqa: E402
+
+from . import modules as _modules  # noqa: E402
+from . import quantized as _quantized  # noqa: E402
+from .ffn import MoEWeights  # noqa: E402
+from .kinds import (DENSE_DTYPES, GGMLType, WeightLayout, as_kind, as_qtype,  # noqa: E402
+                    expert_qtypes, row_bytes)
+from .routing import RouterConfig  # noqa: E402
 
 __all__ = ["MoE", "BUFFERS", "EXPERTS", "QUANTIZED", "ROUTER"]
 

@@ -39,13 +39,16 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from . import modules as _modules
-from . import quantized as _quantized
-from .ffn import MoEWeights
-from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_kind, expert_qtypes
-from .routing import RouterConfig
+from ._extras import require
+
+nnx = require("flax.nnx", "flax", "jax_moe.nnx")
+
+from . import modules as _modules  # noqa: E402
+from . import quantized as _quantized  # noqa: E402
+from .ffn import MoEWeights  # noqa: E402
+from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_kind, expert_qtypes  # noqa: E402
+from .routing import RouterConfig  # noqa: E402
 
 __all__ = ["ExpertWeight", "MoE", "QuantizedWeight", "RouterWeight", "RoutingBias"]
 

@@ -9,9 +9,10 @@ Lowering lives in ``lowering.py`` and batching in ``batching.py``.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import jax
 import numpy as np
-from jax._src import dispatch  # apply_primitive: eager calls compile once per signature
 from jax.extend.core import Primitive
 from jax.interpreters import ad
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -70,5 +71,16 @@ def _jvp(primals, tangents, **params):
 
 
 moe_matmul_p.def_abstract_eval(_abstract_eval)
-moe_matmul_p.def_impl(functools.partial(dispatch.apply_primitive, moe_matmul_p))
+@functools.lru_cache(maxsize=None)
+def _compiled(params: tuple) -> Any:
+    """One jitted bind per parameter set: eager calls compile once per signature."""
+    kwargs = dict(params)
+    return jax.jit(lambda *args: moe_matmul_p.bind(*args, **kwargs))
+
+
+def _impl(*args, **params):
+    return _compiled(tuple(sorted(params.items())))(*args)
+
+
+moe_matmul_p.def_impl(_impl)
 ad.primitive_jvps[moe_matmul_p] = _jvp
