@@ -1,4 +1,4 @@
-"""Kernel kinds, GGUF formats and weight layouts (DESIGN.md §2; the enum values are ABI)."""
+"""Kernel kinds, GGUF formats and weight layouts (docs/contract.md §2; the enum values are ABI)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 
 class MoeKind(enum.IntEnum):
-    """Which kernel computes a call; each kind names a numerical contract (DESIGN.md §4)."""
+    """Which kernel computes a call; each kind names a numerical contract (docs/contract.md §4)."""
 
     SCALAR_GGUF = 0  #: f32 activations staged as q8_1, GGUF weights, f32 output
     WMMA = 1  #: f16/bf16 activations and dense experts of the same dtype

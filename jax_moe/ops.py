@@ -1,4 +1,4 @@
-"""``moe_matmul``: one MoE projection over routed (token, expert) pairs (DESIGN.md §4)."""
+"""``moe_matmul``: one MoE projection over routed (token, expert) pairs (docs/contract.md §4)."""
 
 from __future__ import annotations
 

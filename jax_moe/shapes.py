@@ -52,7 +52,7 @@ def layout_hint(layout: WeightLayout, w_shape: Sequence[int], K: int) -> str:
 
 
 def check_kind_dtypes(kind: MoeKind, x_dtype, quantized: bool, w_dtype=None) -> None:
-    """The dtype rules of DESIGN.md §2: TypeError saying which rule an explicit kind breaks."""
+    """The dtype rules of docs/contract.md §2: TypeError saying which rule an explicit kind breaks."""
     x = _dt(x_dtype)
     if kind == MoeKind.WMMA:
         if quantized:

@@ -49,7 +49,7 @@ def gguf_decode(data: np.ndarray, fmt: str, K: int) -> np.ndarray:
 
 
 def stage_q8_1(x: np.ndarray) -> np.ndarray:
-    """SCALAR_GGUF's activation staging, written from DESIGN.md §4: float64 of q * f16(d)."""
+    """SCALAR_GGUF's activation staging, written from docs/contract.md §4: float64 of q * f16(d)."""
     x = np.asarray(x, np.float32)
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)

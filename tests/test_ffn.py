@@ -41,7 +41,7 @@ def rnd(a, dtype) -> np.ndarray:
 
 
 def q8_1(a) -> np.ndarray:
-    """SCALAR_GGUF's activation staging (DESIGN.md §4), in float32 like the kernel."""
+    """SCALAR_GGUF's activation staging (docs/contract.md §4), in float32 like the kernel."""
     a = np.asarray(a, np.float32)
     blocks = a.reshape(*a.shape[:-1], -1, 32)
     d = (np.abs(blocks).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)

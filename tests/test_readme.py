@@ -59,3 +59,22 @@ def test_files_holding_readme_blocks_are_run():
     files = {where[0] for where in regions().values()}
     run_here = {f"docs/snippets/{p.name}" for p in SNIPPETS.glob("*.py")}
     assert files <= run_here | RUN_ELSEWHERE, files - run_here - RUN_ELSEWHERE
+
+
+def test_the_contract_the_code_cites_is_in_the_repository():
+    """Python comments cite docs/contract.md (not the design file outside the repository), and
+    every section they cite exists."""
+    contract = (ROOT / "docs" / "contract.md").read_text()
+    sections = set(re.findall(r"^## (\w+)\. ", contract, re.M))
+    assert {"1", "2", "3", "4", "5", "5b", "6", "7", "8"} <= sections, sections
+    cited, stale = set(), []
+    for path in sorted(ROOT.glob("*/*.py")):
+        if path.parts[-2] not in ("jax_moe", "tests", "benchmarks", "examples", "tools"):
+            continue
+        text = path.read_text()
+        if "DESIGN" + ".md" in text:
+            stale.append(str(path.relative_to(ROOT)))
+        cited |= set(re.findall(r"docs/contract\.md §(\w+)", text))
+    assert not stale, f"files citing a design file that is not in the repository: {stale}"
+    assert cited and cited <= sections, cited - sections
+    assert "docs/contract.md" in (ROOT / "README.md").read_text()
