@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import batching as _batching  # noqa: F401  (registers the batching rule)
+from . import binding as _binding  # binds moe_matmul_p through its rules
 from . import lowering as _lowering  # noqa: F401  (registers the lowerings)
-from . import partitioning as _partitioning  # binds moe_matmul_p through its sharding rule
 from .kinds import DENSE_DTYPES, MoeKind, WeightLayout, as_kind, as_layout, dense_wtype
 from .quantized import QuantizedExperts
 from .shapes import check_expert_ids, check_kind_dtypes
@@ -132,7 +132,7 @@ def moe_matmul(
     if out_dtype is None:
         out_dtype = np.float32 if kind == MoeKind.SCALAR_GGUF else x.dtype
     wtype = int(w.qtype) if quantized else int(dense_wtype(x.dtype))
-    return _partitioning.bind(
+    return _binding.bind(
         x, expert_ids, w_data, scores,
         kind=int(kind), wtype=wtype, layout=int(layout), reduce=bool(reduce),
         out_dtype=np.dtype(out_dtype),
