@@ -320,6 +320,18 @@ def _shared_ffn(x2: jax.Array, shared: SharedExpert, layout: str, act: Callable,
     return y
 
 
+def shared_ffn(x: jax.Array, shared: SharedExpert, *,
+               activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu",
+               weight_layout: str | WeightLayout = "enk", kind: Any = None) -> jax.Array:
+    """The shared expert alone on ``x [..., D]``: float32 ``[..., D]``, times its optional
+    sigmoid gate (what :func:`moe_ffn` adds to the routed output)."""
+    x = jnp.asarray(x)
+    d_model = x.shape[-1]
+    y = _shared_ffn(x.reshape(-1, d_model), shared, _check_layout(weight_layout),
+                    _activation(activation), d_model, kind)
+    return y.reshape(x.shape)
+
+
 def fuse_gate_up(gate: Weight, up: Weight, *, weight_layout: str | WeightLayout = "enk") -> Weight:
     """Concatenate gate ``[E, F, D]`` and up ``[E, F, D]`` into one gate+up weight ``[E, 2F, D]``.
 
