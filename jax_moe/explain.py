@@ -44,6 +44,13 @@ def _platform(x: Any, platform: str | None) -> str:
     return "cuda" if platform == "gpu" else platform
 
 
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:
+        return False
+
+
 def explain(
     x: Any,
     expert_ids: Any,
@@ -116,13 +123,17 @@ def explain(
                          "False), so the call fails on a GPU; reinstall with nvcc on PATH")
         else:
             args = (int(kind), wtype, int(layout), T, k, E, N, K, x_rows, bool(reduce))
-            if hasattr(cuda, "plan_description"):
-                lines.append(f"path: {cuda.plan_description(*args)}")
-            else:
+            if not hasattr(cuda, "plan_description"):
                 lines.append("path: chosen by the CUDA handler at run time from the device's "
                              "compute capability (this build's CUDA module does not describe "
                              "its plan)")
-            nbytes = cuda_scratch_bytes(int(kind), T, k, E, N, K, x_rows, bool(reduce))
+            elif _has_gpu():
+                lines.append(f"path: {cuda.plan_description(*args, device='current')}")
+            else:  # no GPU here: the plan on each kind of GPU the build serves
+                lines.append(f"path on Hopper (sm_90a): {cuda.plan_description(*args, device='hopper')}")
+                lines.append(f"path on other tensor-core GPUs: "
+                             f"{cuda.plan_description(*args, device='generic')}")
+            nbytes = cuda_scratch_bytes(*args)
             lines.append(f"scratch: {nbytes} bytes of device memory (an extra output buffer, "
                          f"freed after the call)")
     else:

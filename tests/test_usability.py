@@ -300,20 +300,27 @@ def test_explain_says_kind_platform_and_path(rng, monkeypatch):
     class FakeCuda:
         calls = []
 
-        def plan_description(self, *args):
-            self.calls.append(args)
-            return "kernel wmma_gguf_grouped, tile 128x128x32"
+        def plan_description(self, *args, device):
+            self.calls.append((args, device))
+            return f"kernel wmma_gguf_grouped ({device}), tile 128x128x32"
 
         def scratch_bytes(self, *args):
             return 4096
 
+    import sys
+
     fake = FakeCuda()
     monkeypatch.setattr(jax_moe._ext, "cuda", fake)
+    monkeypatch.setattr(sys.modules["jax_moe.explain"], "_has_gpu", lambda: False)
     text = jax_moe.explain(x, ids, q, jnp.ones((8, 2)), platform="gpu")
-    assert "platform: cuda" in text and "path: kernel wmma_gguf_grouped, tile 128x128x32" in text
-    assert "scratch: 4096 bytes" in text
-    assert fake.calls == [(int(jax_moe.MoeKind.WMMA_GGUF), int(jax_moe.GGMLType.Q4_K), 0,
-                           8, 2, 4, 256, 512, 8, True)]
+    assert "platform: cuda" in text and "scratch: 4096 bytes" in text
+    # no GPU here: the plan on Hopper and on the other tensor-core GPUs
+    assert "path on Hopper (sm_90a): kernel wmma_gguf_grouped (hopper), tile 128x128x32" in text
+    assert "path on other tensor-core GPUs: kernel wmma_gguf_grouped (generic)" in text
+    args = (int(jax_moe.MoeKind.WMMA_GGUF), int(jax_moe.GGMLType.Q4_K), 0, 8, 2, 4, 256, 512, 8, True)
+    assert fake.calls == [(args, "hopper"), (args, "generic")]
+    monkeypatch.setattr(sys.modules["jax_moe.explain"], "_has_gpu", lambda: True)
+    assert "path: kernel wmma_gguf_grouped (current)" in jax_moe.explain(x, ids, q, platform="cuda")
     del FakeCuda.plan_description
     assert "does not describe its plan" in jax_moe.explain(x, ids, q, platform="cuda")
     monkeypatch.setattr(jax_moe._ext, "cuda", None)
