@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             and np.array_equal(np.asarray(y_nnx, np.float32), np.asarray(y_loop, np.float32)))
     print(f"nnx.scan, jax.lax.scan and a Python loop over the layers agree bit for bit: {same}")
     print(f"{tuple(x.shape)} -> {tuple(y_nnx.shape)} {y_nnx.dtype}, max error vs float64 {err:.2e}")
-    ok = same and err < 2.0**-5  # bfloat16 roundings compounding over the layers; a wrong expert is 10x more
+    ok = same and err < 2.0**-5  # bf16 roundings compound over the layers; a wrong expert: 10x
     print("ok" if ok else "FAILED")
     return 0 if ok else 1
 

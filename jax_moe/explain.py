@@ -130,7 +130,8 @@ def explain(
             elif _has_gpu():
                 lines.append(f"path: {cuda.plan_description(*args, device='current')}")
             else:  # no GPU here: the plan on each kind of GPU the build serves
-                lines.append(f"path on Hopper (sm_90a): {cuda.plan_description(*args, device='hopper')}")
+                hopper = cuda.plan_description(*args, device="hopper")
+                lines.append(f"path on Hopper (sm_90a): {hopper}")
                 lines.append(f"path on other tensor-core GPUs: "
                              f"{cuda.plan_description(*args, device='generic')}")
             nbytes = cuda_scratch_bytes(*args)

@@ -178,9 +178,11 @@ class MoE(nn.Module):
 
         Returns ``(module, variables)``: a clone of this module whose ``quantization`` names
         the quantized kernels, and variables with those kernels moved from ``"experts"`` to
-        ``"quantized"``. Each kernel's sharding and partitioning metadata (``nn.Partitioned``
-        names) carry over to its blocks: E and N keep their axes, an axis on K is dropped. ``down_qtype`` (default ``qtype``) is the format of the down kernels;
-        a preset such as ``"Q4_K_M"`` (gate/up Q4_K, down Q6_K) sets both (``jax_moe.kinds.PRESETS``).
+        ``"quantized"``. ``down_qtype`` (default ``qtype``) is the format of the down kernels;
+        a preset such as ``"Q4_K_M"`` (gate/up Q4_K, down Q6_K) sets both
+        (``jax_moe.kinds.PRESETS``). Each kernel's sharding and partitioning metadata
+        (``nn.Partitioned`` names) carry over to its blocks: E and N keep their axes, an axis on
+        K is dropped (GGUF blocks are never split).
         """
         qt, dqt = expert_qtypes(qtype, down_qtype)
         variables = unfreeze(variables)

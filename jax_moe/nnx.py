@@ -275,8 +275,7 @@ class MoE(nnx.Module):
         E and N keep their mesh axes, an axis on K is dropped (GGUF blocks are never split).
         """
         qt, dqt = expert_qtypes(qtype, down_qtype)
-        plan = {"gate_up": qt, "gate": qt, "up": qt, "down": dqt,
-                "shared_gate_up": qt, "shared_gate": qt, "shared_up": qt, "shared_down": dqt}
+        plan = {name: dqt if name in _modules.DOWN_NAMES else qt for name in _modules.EXPERT_NAMES}
         todo = []
         for name, t in plan.items():
             var = getattr(self, name)
