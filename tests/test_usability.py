@@ -396,3 +396,41 @@ def test_quantize_a_stacked_nnx_module(rng):
             shared_down=w.shared_down[i], config=w.config)
         y_loop = y_loop + jax.jit(lambda w, x: w(x))(layer, y_loop)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_loop, np.float32))
+
+
+def test_quantize_a_linen_module_scanned_over_layers(rng):
+    nn = pytest.importorskip("flax.linen")
+    import jax_moe.linen
+
+    L = 3
+
+    class Layer(nn.Module):
+        quantization: tuple | None = None
+
+        @nn.compact
+        def __call__(self, x, _):
+            moe = jax_moe.linen.MoE(256, 256, 4, router=2, quantization=self.quantization, name="moe")
+            return x + moe(x), None
+
+    class Stack(nn.Module):
+        quantization: tuple | None = None
+
+        @nn.compact
+        def __call__(self, x):
+            scanned = nn.scan(Layer, variable_axes={"experts": 0, "router": 0, "quantized": 0},
+                              split_rngs={"params": True}, length=L)
+            return scanned(quantization=self.quantization, name="layers")(x, None)[0]
+
+    x = jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
+    v = Stack().init(jax.random.key(int(rng.integers(2**31))), x)
+    inner = {c: v[c]["layers"]["moe"] for c in v}  # one MoE's variables, with a layer axis
+    assert inner["experts"]["gate_up"].shape == (L, 4, 256, 512)
+    qm, qv = jax_moe.linen.MoE(256, 256, 4, router=2).quantize(inner, "Q8_0")
+    assert qv["quantized"]["gate_up"].shape == (L, 4, 512, 272)
+    y = jax.jit(Stack(quantization=qm.quantization).apply)(
+        {c: {"layers": {"moe": qv[c]}} for c in qv}, x)
+    y_loop = x
+    for i in range(L):
+        layer_vars = jax.tree_util.tree_map(lambda a: a[i], qv)
+        y_loop = y_loop + jax.jit(qm.apply)(layer_vars, y_loop)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_loop, np.float32))
