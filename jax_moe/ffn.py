@@ -504,6 +504,29 @@ class MoEWeights:
             return None
         return _weight(self.shared_down, "shared_down", self.weight_layout, allow_2d=True).K
 
+    def explain(self, x: Any, *, kind: Any = None, platform: str | None = None) -> str:
+        """What running this block on ``x [..., D]`` (an array or ``jax.ShapeDtypeStruct``)
+        calls: :func:`jax_moe.explain` of each routed projection (gate/up, then down), as
+        :func:`moe_ffn` makes them. Nothing runs."""
+        from .explain import explain
+
+        x_dtype = jnp.dtype(x.dtype)
+        T, k = math.prod(x.shape[:-1]), self.config.k
+        ids = jax.ShapeDtypeStruct((T, k), jnp.int32)
+        scores = jax.ShapeDtypeStruct((T, k), jnp.float32)
+        gu = _gate_up_weights(self.experts_gate_up, "gate_up", self.weight_layout)
+        dn = _weight(self.down, "down", self.weight_layout)
+        out = []
+        for name, w, rows, s in [*((f"gate_up[{i}]" if len(gu) > 1 else "gate_up", g, (T, self.features), None)
+                                    for i, g in enumerate(gu)),
+                                  ("down", dn, (T, k, dn.K), scores)]:
+            xin = jax.ShapeDtypeStruct(rows, x_dtype if w.quantized else w.w.dtype)
+            text = explain(xin, ids, w.w, s, kind=kind, reduce=s is not None,
+                           out_dtype=None if w.quantized else w.w.dtype,
+                           weight_layout=w.layout, platform=platform)
+            out.append(f"[{name}]\n{text}")
+        return "\n".join(out)
+
     def formats(self) -> dict[str, str]:
         """The storage format of each expert weight, e.g. ``{"gate_up": "Q4_K", "down": "Q6_K"}``."""
         out = {}

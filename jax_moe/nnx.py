@@ -259,6 +259,12 @@ class MoE(nnx.Module):
         return self.weights()(x.astype(self.dtype), return_routing=return_routing,
                               kind=self.kind, debug_checks=self.debug_checks)
 
+    def explain(self, x: Any, *, platform: str | None = None) -> str:
+        """Which kind, platform and kernel path each projection of ``self(x)`` takes
+        (``x [..., D]``: an array or ``jax.ShapeDtypeStruct``); see :func:`jax_moe.explain`."""
+        return self.weights().explain(jax.ShapeDtypeStruct(x.shape, self.dtype), kind=self.kind,
+                                      platform=platform)
+
     # -- conversion ----------------------------------------------------------------------------
     def quantize(self, qtype: GGMLType | str, *, down_qtype: GGMLType | str | None = None) -> MoE:
         """Quantize the dense expert kernels in place (on the host); returns ``self``.

@@ -434,3 +434,23 @@ def test_quantize_a_linen_module_scanned_over_layers(rng):
         layer_vars = jax.tree_util.tree_map(lambda a: a[i], qv)
         y_loop = y_loop + jax.jit(qm.apply)(layer_vars, y_loop)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_loop, np.float32))
+
+
+def test_a_module_explains_its_projections(rng):
+    nnx = pytest.importorskip("flax.nnx")
+    import jax_moe.nnx
+
+    m = jax_moe.nnx.MoE(256, 256, 8, router=RouterConfig.mixtral(k=2), rngs=nnx.Rngs(0))
+    x = jnp.ones((3, 4, 256), jnp.float32)
+    text = m.explain(x)
+    gate_up, down = text.split("[down]")
+    assert gate_up.startswith("[gate_up]") and "T=12 k=2 E=8 N=512 K=256" in gate_up
+    assert "x [12, 256] bfloat16, w bfloat16 [E, K, N]" in gate_up and "kind: WMMA (dense w)" in gate_up
+    assert "x [12, 2, 256] bfloat16" in down and "reduce=True -> [12, 256]" in down
+    m.quantize("Q4_K_M")
+    m.dtype = jnp.dtype(jnp.float32)
+    text = m.explain(x)
+    assert text.count("kind: SCALAR_GGUF") == 2 and "Q4_K blocks" in text and "Q6_K blocks" in text
+    m.dtype, m.kind = jnp.dtype(jnp.bfloat16), jax_moe.MoeKind.WMMA
+    with pytest.raises(TypeError, match="kind=WMMA runs dense"):
+        m.explain(x)  # the error the call itself raises
