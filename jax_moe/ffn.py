@@ -51,6 +51,12 @@ Weight = Union[jax.Array, QuantizedExperts]
 #: Fused gate+up weights (gate rows first, then up rows), or a ``(gate, up)`` pair.
 GateUp = Union[Weight, "tuple[Weight, Weight]"]
 
+#: The expert kernels of a block (routed, then shared), as ``MoEWeights`` and the modules name them.
+EXPERT_NAMES = ("gate_up", "gate", "up", "down", "shared_gate_up", "shared_gate", "shared_up",
+                "shared_down")
+#: The down projections among them (``quantize``'s ``down_qtype`` applies to these).
+DOWN_NAMES = ("down", "shared_down")
+
 _DENSE_DTYPES = DENSE_DTYPES
 _ACT_DTYPES = (jnp.dtype(jnp.float32),) + _DENSE_DTYPES
 
@@ -516,10 +522,11 @@ class MoEWeights:
         scores = jax.ShapeDtypeStruct((T, k), jnp.float32)
         gu = _gate_up_weights(self.experts_gate_up, "gate_up", self.weight_layout)
         dn = _weight(self.down, "down", self.weight_layout)
+        names = ["gate_up"] if len(gu) == 1 else ["gate", "up"]
+        projections = [(n, g, (T, self.features), None) for n, g in zip(names, gu)]
+        projections.append(("down", dn, (T, k, dn.K), scores))
         out = []
-        for name, w, rows, s in [*((f"gate_up[{i}]" if len(gu) > 1 else "gate_up", g, (T, self.features), None)
-                                    for i, g in enumerate(gu)),
-                                  ("down", dn, (T, k, dn.K), scores)]:
+        for name, w, rows, s in projections:
             xin = jax.ShapeDtypeStruct(rows, x_dtype if w.quantized else w.w.dtype)
             text = explain(xin, ids, w.w, s, kind=kind, reduce=s is not None,
                            out_dtype=None if w.quantized else w.w.dtype,
@@ -530,8 +537,7 @@ class MoEWeights:
     def formats(self) -> dict[str, str]:
         """The storage format of each expert weight, e.g. ``{"gate_up": "Q4_K", "down": "Q6_K"}``."""
         out = {}
-        for name in ("gate_up", "gate", "up", "down", "shared_gate_up", "shared_gate", "shared_up",
-                     "shared_down"):
+        for name in EXPERT_NAMES:
             w = getattr(self, name)
             if w is not None:
                 out[name] = w.qtype.name if isinstance(w, QuantizedExperts) else jnp.dtype(w.dtype).name

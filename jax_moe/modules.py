@@ -2,8 +2,8 @@
 
 ``router_config`` turns a module's ``router`` argument into a :class:`RouterConfig`,
 ``default_kernel_init`` is the expert kernels' default initializer, ``check_options``
-validates the options both modules take, and ``EXPERT_NAMES`` / ``DOWN_NAMES`` name the expert
-weights in the order every module walks them.
+validates the options both modules take; ``EXPERT_NAMES`` / ``DOWN_NAMES`` (from ``ffn``) name
+the expert weights in the order every module walks them.
 """
 
 from __future__ import annotations
@@ -14,15 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .ffn import ACTIVATIONS
+from .ffn import ACTIVATIONS, DOWN_NAMES, EXPERT_NAMES  # noqa: F401  (the modules' names)
 from .kinds import DENSE_DTYPES, WeightLayout, as_layout
 from .routing import RouterConfig
 
-#: The expert kernels of a block (routed, then shared), as the modules and ``MoEWeights`` name them.
-EXPERT_NAMES = ("gate_up", "gate", "up", "down", "shared_gate_up", "shared_gate", "shared_up",
-                "shared_down")
-#: The down projections among them (``quantize``'s ``down_qtype`` applies to these).
-DOWN_NAMES = ("down", "shared_down")
 
 
 def router_config(router: RouterConfig | int) -> RouterConfig:
