@@ -121,7 +121,7 @@ class MoE(nnx.Module):
       activation: ``"swiglu"``, ``"geglu"``, ``"geglu_erf"`` or ``"reglu"``.
       shared_hidden_features: Fs, to add a shared expert (None: no shared expert).
       shared_expert_gate: gate the shared expert with ``sigmoid(x @ g)`` (Qwen2-MoE).
-      router_bias: add a trainable ``[E]`` bias to the router logits (gpt-oss).
+      router_bias: add an ``[E]`` bias to the router logits (gpt-oss), held like the router kernel.
       selection_bias: add a :class:`RoutingBias` ``[E]`` used for selection only (DeepSeek-V3).
       weight_layout: ``"ekn"`` (Flax's kernel layout ``[E, D_in, D_out]``, the default here;
         ``moe_matmul``/``moe_ffn`` default to ``"enk"``) or ``"enk"`` (GGUF's
