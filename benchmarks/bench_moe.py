@@ -1,4 +1,4 @@
-"""GPU benchmark: jax_moe against its peers on the same work, in one run (DESIGN.md §8).
+"""GPU benchmark: jax_moe against its peers on the same work, in one run (docs/contract.md §8).
 
 Each row is one (model, projection, T, kind, format). Every number is device time per call:
 R calls inside one jitted function (10 <= R <= 64, enough for ~1.5 ms of work), weights rotated among copies whose touched bytes

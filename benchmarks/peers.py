@@ -1,4 +1,4 @@
-"""The peers jax_moe is measured against, each given the same work (DESIGN.md §8).
+"""The peers jax_moe is measured against, each given the same work (docs/contract.md §8).
 
 - ``ragged_dot``: ``jax.lax.ragged_dot`` on the pairs' rows sorted by expert, weights [E, K, N].
 - ``gather_einsum``: gather each pair's expert weights, then one einsum.

@@ -11,7 +11,8 @@ from .ffn import MoEWeights, SharedExpert, fuse_gate_up, moe_block, moe_ffn
 from .kinds import GGMLType, MoeKind, WeightLayout
 from . import parallel, partitioning
 from .parallel import ExpertParallel, expert_parallel_ffn
-from .ops import moe_matmul
+from .explain import explain
+from .ops import check_routing, moe_matmul
 from .primitive import InferenceOnlyError, moe_matmul_p
 from .quantized import QuantizedExperts, dequantize, quantize
 from .routing import RouterConfig, route
@@ -29,8 +30,10 @@ __all__ = [
     "SharedExpert",
     "WeightLayout",
     "build_info",
+    "check_routing",
     "dequantize",
     "expert_parallel_ffn",
+    "explain",
     "fuse_gate_up",
     "moe_block",
     "moe_ffn",

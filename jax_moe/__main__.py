@@ -29,7 +29,7 @@ import numpy as np
 
 from . import quantized as _quantized
 from ._ext import build_info
-from .ffn import MoEWeights
+from .ffn import EXPERT_NAMES, MoEWeights
 from .kinds import MoeKind
 from .routing import RouterConfig
 
@@ -38,7 +38,7 @@ KINDS = (MoeKind.SCALAR_GGUF, MoeKind.WMMA, MoeKind.WMMA_GGUF)
 # the hidden state and the output (WMMA*), or the q8_1 staging of activations (SCALAR_GGUF), are
 # a few parts in a thousand; a wrong expert, weight or score is tens of percent.
 MAX_ERROR = 2.0**-5
-_EXPERTS = ("gate_up", "gate", "up", "down", "shared_gate_up", "shared_gate", "shared_up", "shared_down")
+_EXPERTS = EXPERT_NAMES
 
 
 def _random_block(rng: np.random.Generator, *, experts: int, k: int, d: int, f: int,

@@ -31,7 +31,9 @@ import numpy as np
 
 from . import ops as _ops
 from . import quantized as _quantized
+from .kinds import DENSE_DTYPES, WeightLayout, as_layout
 from .routing import RouterConfig
+from .shapes import layout_hint
 
 QuantizedExperts = _quantized.QuantizedExperts
 
@@ -49,9 +51,14 @@ Weight = Union[jax.Array, QuantizedExperts]
 #: Fused gate+up weights (gate rows first, then up rows), or a ``(gate, up)`` pair.
 GateUp = Union[Weight, "tuple[Weight, Weight]"]
 
-_LAYOUTS = ("enk", "ekn")
-_ACT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-_DENSE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+#: The expert kernels of a block (routed, then shared), as ``MoEWeights`` and the modules name them.
+EXPERT_NAMES = ("gate_up", "gate", "up", "down", "shared_gate_up", "shared_gate", "shared_up",
+                "shared_down")
+#: The down projections among them (``quantize``'s ``down_qtype`` applies to these).
+DOWN_NAMES = ("down", "shared_down")
+
+_DENSE_DTYPES = DENSE_DTYPES
+_ACT_DTYPES = (jnp.dtype(jnp.float32),) + _DENSE_DTYPES
 
 
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -108,11 +115,14 @@ class _W:
     layout: str
 
 
-def _check_layout(weight_layout: str) -> str:
-    if weight_layout not in _LAYOUTS:
-        raise ValueError(f'weight_layout must be "enk" ([E, N, K]) or "ekn" ([E, K, N]); '
-                         f"got {weight_layout!r}")
-    return weight_layout
+def _check_layout(weight_layout: str | WeightLayout) -> str:
+    """A WeightLayout or its name as the name ``"enk"``/``"ekn"`` (ValueError otherwise)."""
+    return as_layout(weight_layout).name.lower()
+
+
+def _hint(w: _W, d: int) -> str:
+    """The other-layout hint for a dense weight that should contract over ``d``."""
+    return "" if w.quantized else layout_hint(as_layout(w.layout), w.w.shape, d)
 
 
 def _weight(w: Any, name: str, layout: str, *, allow_2d: bool = False) -> _W:
@@ -138,7 +148,7 @@ def _weight(w: Any, name: str, layout: str, *, allow_2d: bool = False) -> _W:
 
 
 def _project(x: jax.Array, ids: jax.Array, w: _W, scores: jax.Array | None, *,
-             reduce: bool, out_dtype: Any = None) -> jax.Array:
+             reduce: bool, out_dtype: Any = None, kind: Any = None) -> jax.Array:
     """One moe_matmul call; the input is cast to the dtype this weight computes in."""
     if w.quantized:
         xin = x  # float32 -> SCALAR_GGUF, float16/bfloat16 -> WMMA_GGUF
@@ -147,7 +157,7 @@ def _project(x: jax.Array, ids: jax.Array, w: _W, scores: jax.Array | None, *,
     else:
         xin = x.astype(w.w.dtype)
     return _ops.moe_matmul(xin, ids, w.w, scores, reduce=reduce, out_dtype=out_dtype,
-                           weight_layout=w.layout)
+                           weight_layout=w.layout, kind=kind)
 
 
 def _gate_up_weights(gate_up: Any, name: str, layout: str, *, allow_2d: bool = False
@@ -169,16 +179,16 @@ def _gate_up_weights(gate_up: Any, name: str, layout: str, *, allow_2d: bool = F
     return (gu,)
 
 
-def _ffn_hidden(x2: jax.Array, ids: jax.Array, gate_up: tuple[_W, ...], act: Callable
-                ) -> jax.Array:
+def _ffn_hidden(x2: jax.Array, ids: jax.Array, gate_up: tuple[_W, ...], act: Callable,
+                kind: Any = None) -> jax.Array:
     """Gate/up projections and the activation: float32 ``[T, k, F]``."""
     if len(gate_up) == 1:
-        gu = _project(x2, ids, gate_up[0], None, reduce=False).astype(jnp.float32)
+        gu = _project(x2, ids, gate_up[0], None, reduce=False, kind=kind).astype(jnp.float32)
         f = gate_up[0].N // 2
         gate, up = gu[..., :f], gu[..., f:]
     else:
-        gate = _project(x2, ids, gate_up[0], None, reduce=False).astype(jnp.float32)
-        up = _project(x2, ids, gate_up[1], None, reduce=False).astype(jnp.float32)
+        gate = _project(x2, ids, gate_up[0], None, reduce=False, kind=kind).astype(jnp.float32)
+        up = _project(x2, ids, gate_up[1], None, reduce=False, kind=kind).astype(jnp.float32)
     return act(gate, up)
 
 
@@ -203,9 +213,11 @@ def moe_ffn(
     down: Weight,
     *,
     activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu",
-    weight_layout: str = "enk",
+    weight_layout: str | WeightLayout = "enk",
     shared: SharedExpert | None = None,
     out_dtype: Any = None,
+    kind: Any = None,
+    debug_checks: bool = False,
 ) -> jax.Array:
     """The routed expert FFN (plus an optional shared expert) of an MoE block.
 
@@ -220,14 +232,20 @@ def moe_ffn(
       down: ``[E, D, F]`` (``"enk"``) or ``[E, F, D]`` (``"ekn"``).
       activation: ``"swiglu"``, ``"geglu"`` (tanh GELU), ``"geglu_erf"``, ``"reglu"``, or a
         callable ``act(gate, up)`` on float32 ``[..., k, F]`` arrays.
-      weight_layout: layout of the dense weights; quantized weights are always ``[E, N, K]``.
+      weight_layout: layout of the dense weights, ``"enk"`` (default, GGUF's ``[E, N, K]``) or
+        ``"ekn"`` (Flax's ``[E, K, N]``), or a ``WeightLayout``; quantized weights are always
+        ``[E, N, K]``.
       shared: optional :class:`SharedExpert`.
       out_dtype: output dtype (default: ``x.dtype``).
+      kind: the ``MoeKind`` of every projection (default: chosen per weight, see
+        ``moe_matmul``); one that contradicts a weight's dtype raises TypeError.
+      debug_checks: checkify-check that the ids lie in ``[0, E)`` and the scores are finite
+        (see :func:`jax_moe.check_routing`; run under ``checkify.checkify``).
 
     Returns:
       ``[..., D]`` in ``out_dtype``.
     """
-    _check_layout(weight_layout)
+    weight_layout = _check_layout(weight_layout)
     act = _activation(activation)
     x = jnp.asarray(x)
     if x.ndim < 2:
@@ -255,11 +273,15 @@ def moe_ffn(
     d_model, f = x.shape[-1], gu[0].N // (2 if len(gu) == 1 else 1)
     if gu[0].K != d_model:
         raise ValueError(f"gate_up must contract over D = {d_model} (the last axis of x); "
-                         f"it has K = {gu[0].K}")
+                         f"it has K = {gu[0].K} in weight_layout={weight_layout!r}"
+                         f"{_hint(gu[0], d_model)}")
     if (dn.E, dn.N, dn.K) != (gu[0].E, d_model, f):
         raise ValueError(f"down must be logically [E, D, F] = {[gu[0].E, d_model, f]} to match "
-                         f"gate_up and x; got {[dn.E, dn.N, dn.K]}")
+                         f"gate_up and x; got {[dn.E, dn.N, dn.K]} in weight_layout="
+                         f"{weight_layout!r}{_hint(dn, f)}")
 
+    if debug_checks:
+        _ops.check_routing(expert_ids, scores, gu[0].E, where="moe_ffn")
     lead = x.shape[:-1]
     k = expert_ids.shape[-1]
     tokens = math.prod(lead)
@@ -267,16 +289,17 @@ def moe_ffn(
     ids2 = expert_ids.reshape(tokens, k).astype(jnp.int32)
     scores2 = scores.reshape(tokens, k).astype(jnp.float32)
 
-    h = _ffn_hidden(x2, ids2, gu, act)  # [T, k, F] float32
+    h = _ffn_hidden(x2, ids2, gu, act, kind)  # [T, k, F] float32
     routed_dtype = jnp.float32 if shared is not None else out_dtype
-    y = _project(_down_input(h, dn, x.dtype), ids2, dn, scores2, reduce=True, out_dtype=routed_dtype)
+    y = _project(_down_input(h, dn, x.dtype), ids2, dn, scores2, reduce=True, out_dtype=routed_dtype,
+                 kind=kind)
     if shared is not None:
-        y = y.astype(jnp.float32) + _shared_ffn(x2, shared, weight_layout, act, d_model)
+        y = y.astype(jnp.float32) + _shared_ffn(x2, shared, weight_layout, act, d_model, kind)
     return y.astype(out_dtype).reshape(*lead, d_model)
 
 
 def _shared_ffn(x2: jax.Array, shared: SharedExpert, layout: str, act: Callable,
-                d_model: int) -> jax.Array:
+                d_model: int, kind: Any = None) -> jax.Array:
     """The shared expert on ``x2 [T, D]``: float32 ``[T, D]``."""
     if not isinstance(shared, SharedExpert):
         raise TypeError(f"shared must be a jax_moe.ffn.SharedExpert; got {type(shared).__name__}")
@@ -290,8 +313,9 @@ def _shared_ffn(x2: jax.Array, shared: SharedExpert, layout: str, act: Callable,
         raise ValueError(f"shared.down must be logically [1, D, Fs] = {[1, d_model, fs]}; "
                          f"got {[dn.E, dn.N, dn.K]}")
     ids = jnp.zeros((x2.shape[0], 1), jnp.int32)
-    h = _ffn_hidden(x2, ids, gu, act)
-    y = _project(_down_input(h, dn, x2.dtype), ids, dn, None, reduce=False, out_dtype=jnp.float32)
+    h = _ffn_hidden(x2, ids, gu, act, kind)
+    y = _project(_down_input(h, dn, x2.dtype), ids, dn, None, reduce=False, out_dtype=jnp.float32,
+                 kind=kind)
     y = y[:, 0, :].astype(jnp.float32)
     if shared.gate is not None:
         g = jnp.asarray(shared.gate)
@@ -302,14 +326,26 @@ def _shared_ffn(x2: jax.Array, shared: SharedExpert, layout: str, act: Callable,
     return y
 
 
-def fuse_gate_up(gate: Weight, up: Weight, *, weight_layout: str = "enk") -> Weight:
+def shared_ffn(x: jax.Array, shared: SharedExpert, *,
+               activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu",
+               weight_layout: str | WeightLayout = "enk", kind: Any = None) -> jax.Array:
+    """The shared expert alone on ``x [..., D]``: float32 ``[..., D]``, times its optional
+    sigmoid gate (what :func:`moe_ffn` adds to the routed output)."""
+    x = jnp.asarray(x)
+    d_model = x.shape[-1]
+    y = _shared_ffn(x.reshape(-1, d_model), shared, _check_layout(weight_layout),
+                    _activation(activation), d_model, kind)
+    return y.reshape(x.shape)
+
+
+def fuse_gate_up(gate: Weight, up: Weight, *, weight_layout: str | WeightLayout = "enk") -> Weight:
     """Concatenate gate ``[E, F, D]`` and up ``[E, F, D]`` into one gate+up weight ``[E, 2F, D]``.
 
     Dense weights are concatenated along N (axis 1 for ``"enk"``, axis 2 for ``"ekn"``); quantized
     weights must share their format and are concatenated along their rows (numpy data stays
     numpy, on the host). Do it once, when loading, not inside the jitted step.
     """
-    _check_layout(weight_layout)
+    weight_layout = _check_layout(weight_layout)
     g = _weight(gate, "gate", weight_layout)
     u = _weight(up, "up", weight_layout)
     if (g.E, g.N, g.K) != (u.E, u.N, u.K):
@@ -322,13 +358,13 @@ def fuse_gate_up(gate: Weight, up: Weight, *, weight_layout: str = "enk") -> Wei
             raise TypeError(f"fuse_gate_up: gate is {gate.qtype.name} and up is {up.qtype.name}; "
                             f"only weights of one format can be fused")
         if isinstance(gate.data, np.ndarray) and isinstance(up.data, np.ndarray):
-            data = np.concatenate([gate.data, up.data], axis=1)
+            data = np.concatenate([gate.data, up.data], axis=-2)
         else:
-            data = jnp.concatenate([jnp.asarray(gate.data), jnp.asarray(up.data)], axis=1)
+            data = jnp.concatenate([jnp.asarray(gate.data), jnp.asarray(up.data)], axis=-2)
         return QuantizedExperts(data, gate.qtype, (g.E, 2 * g.N, g.K))
     if g.w.dtype != u.w.dtype:
         raise TypeError(f"fuse_gate_up: gate is {g.w.dtype} and up is {u.w.dtype}")
-    return jnp.concatenate([g.w, u.w], axis=1 if weight_layout == "enk" else 2)
+    return jnp.concatenate([g.w, u.w], axis=-2 if weight_layout == "enk" else -1)
 
 
 def router_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -354,10 +390,12 @@ def moe_block(
     router_bias: jax.Array | None = None,
     selection_bias: jax.Array | None = None,
     activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu",
-    weight_layout: str = "enk",
+    weight_layout: str | WeightLayout = "enk",
     shared: SharedExpert | None = None,
     out_dtype: Any = None,
     return_routing: bool = False,
+    kind: Any = None,
+    debug_checks: bool = False,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """A whole MoE block: float32 router, top-k routing, expert FFN (+ shared expert).
 
@@ -369,6 +407,7 @@ def moe_block(
       router_bias: optional ``[E]`` bias added to the logits (gpt-oss).
       selection_bias: optional ``[E]`` selection-only bias (DeepSeek-V3's ``exp_probs_b``).
       return_routing: also return ``(expert_ids, scores)``.
+      kind, debug_checks: as in :func:`moe_ffn`. The router's E must be the experts' E.
 
     Returns:
       ``[..., D]``, and ``(expert_ids int32 [..., k], scores f32 [..., k])`` if ``return_routing``.
@@ -377,9 +416,14 @@ def moe_block(
         raise TypeError(f"router must be a jax_moe.routing.RouterConfig; got {type(router).__name__}")
     x = jnp.asarray(x)
     logits = router_logits(x, router_kernel, router_bias)
+    gu = _gate_up_weights(gate_up, "gate_up", _check_layout(weight_layout))
+    if logits.shape[-1] != gu[0].E:
+        raise ValueError(f"the router scores E = {logits.shape[-1]} experts (router_kernel "
+                         f"{list(jnp.shape(router_kernel))}) but gate_up holds {gu[0].E}: ids "
+                         f">= {gu[0].E} would add nothing")
     ids, scores = router(logits, selection_bias)
     out = moe_ffn(x, ids, scores, gate_up, down, activation=activation, weight_layout=weight_layout,
-                  shared=shared, out_dtype=out_dtype)
+                  shared=shared, out_dtype=out_dtype, kind=kind, debug_checks=debug_checks)
     return (out, (ids, scores)) if return_routing else out
 
 
@@ -404,7 +448,8 @@ class MoEWeights:
       shared_expert_gate: ``[D]`` sigmoid-gate weight of the shared expert, or None.
       config: the :class:`RouterConfig`.
       activation: a name from :data:`ACTIVATIONS`.
-      weight_layout: layout of the dense expert weights.
+      weight_layout: layout of the dense expert weights, ``"enk"`` (default) or ``"ekn"`` (a
+        ``WeightLayout`` is accepted and stored by name).
     """
 
     router: Any
@@ -422,6 +467,9 @@ class MoEWeights:
     config: RouterConfig = dataclasses.field(default_factory=lambda: RouterConfig(k=2))
     activation: str = "swiglu"
     weight_layout: str = "enk"
+
+    def __post_init__(self) -> None:
+        self.weight_layout = _check_layout(self.weight_layout)  # "enk" / "ekn" from either spelling
 
     @property
     def experts_gate_up(self) -> GateUp:
@@ -462,22 +510,47 @@ class MoEWeights:
             return None
         return _weight(self.shared_down, "shared_down", self.weight_layout, allow_2d=True).K
 
+    def explain(self, x: Any, *, kind: Any = None, platform: str | None = None) -> str:
+        """What running this block on ``x [..., D]`` (an array or ``jax.ShapeDtypeStruct``)
+        calls: :func:`jax_moe.explain` of each routed projection (gate/up, then down), as
+        :func:`moe_ffn` makes them. Nothing runs."""
+        from .explain import explain
+
+        x_dtype = jnp.dtype(x.dtype)
+        T, k = math.prod(x.shape[:-1]), self.config.k
+        ids = jax.ShapeDtypeStruct((T, k), jnp.int32)
+        scores = jax.ShapeDtypeStruct((T, k), jnp.float32)
+        gu = _gate_up_weights(self.experts_gate_up, "gate_up", self.weight_layout)
+        dn = _weight(self.down, "down", self.weight_layout)
+        names = ["gate_up"] if len(gu) == 1 else ["gate", "up"]
+        projections = [(n, g, (T, self.features), None) for n, g in zip(names, gu)]
+        projections.append(("down", dn, (T, k, dn.K), scores))
+        out = []
+        for name, w, rows, s in projections:
+            xin = jax.ShapeDtypeStruct(rows, x_dtype if w.quantized else w.w.dtype)
+            text = explain(xin, ids, w.w, s, kind=kind, reduce=s is not None,
+                           out_dtype=None if w.quantized else w.w.dtype,
+                           weight_layout=w.layout, platform=platform)
+            out.append(f"[{name}]\n{text}")
+        return "\n".join(out)
+
     def formats(self) -> dict[str, str]:
         """The storage format of each expert weight, e.g. ``{"gate_up": "Q4_K", "down": "Q6_K"}``."""
         out = {}
-        for name in ("gate_up", "gate", "up", "down", "shared_gate_up", "shared_gate", "shared_up",
-                     "shared_down"):
+        for name in EXPERT_NAMES:
             w = getattr(self, name)
             if w is not None:
                 out[name] = w.qtype.name if isinstance(w, QuantizedExperts) else jnp.dtype(w.dtype).name
         return out
 
-    def __call__(self, x: jax.Array, *, out_dtype: Any = None, return_routing: bool = False):
+    def __call__(self, x: jax.Array, *, out_dtype: Any = None, return_routing: bool = False,
+                 kind: Any = None, debug_checks: bool = False):
         """Run the block on ``x [..., D]`` (see :func:`moe_block`)."""
         return moe_block(x, self.router, self.experts_gate_up, self.down, router=self.config,
                          router_bias=self.router_bias, selection_bias=self.selection_bias,
                          activation=self.activation, weight_layout=self.weight_layout,
-                         shared=self.shared, out_dtype=out_dtype, return_routing=return_routing)
+                         shared=self.shared, out_dtype=out_dtype, return_routing=return_routing,
+                         kind=kind, debug_checks=debug_checks)
 
 
 jax.tree_util.register_dataclass(

@@ -45,16 +45,18 @@ import struct
 import warnings
 from typing import Any, Iterable, Mapping
 
-import gguf as _gguf
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from . import quantized as _quantized
+from ._extras import require
 from .ffn import ACTIVATIONS, MoEWeights
-from .kinds import QUANTIZED_TYPES, GGMLType
+from .kinds import DENSE_DTYPES, QUANTIZED_TYPES, GGMLType
 from .routing import RouterConfig
+
+_gguf = require("gguf", "gguf", "jax_moe.gguf")
 
 __all__ = [
     "GGUFError",
@@ -534,7 +536,7 @@ def load_block_weights(
         raise ValueError(f"block {block}: {_UNSUPPORTED_ARCH[arch]}")
     cfg = _config or read_moe_config(reader, router=router, activation=activation)
     dense_dtype = np.dtype(dense_dtype)
-    if dense_dtype not in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+    if dense_dtype not in DENSE_DTYPES:
         raise TypeError(f"dense_dtype must be bfloat16 or float16; got {dense_dtype}")
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)):
         raise TypeError(f"block must be an int; got {block!r}")

@@ -10,10 +10,13 @@
     moe, variables = moe.quantize(variables, "Q4_K", down_qtype="Q6_K")
     y = jax.jit(moe.apply)(variables, x)
 
-Dense expert kernels live in ``"params"``; quantized ones (uint8 GGUF blocks) in the
-``"quantized"`` collection, with their formats in the module's ``quantization`` field; the
-selection-only routing bias in ``"buffers"``. The computation is :func:`jax_moe.ffn.moe_block`,
-the same as the NNX module's. Inference-only: ``jax.grad`` through ``apply`` raises
+Nothing of the block is in ``"params"``, so ``jax.grad`` over a model's ``"params"`` leaves it
+alone (wrap the block's input in ``jax.lax.stop_gradient``): dense expert kernels (and the
+shared expert's gate) live in the ``"experts"`` collection, quantized ones (uint8 GGUF blocks)
+in ``"quantized"`` with their formats in the module's ``quantization`` field, the router kernel
+and bias in ``"router"`` (``"params"`` with ``trainable_router=True``), the selection-only
+routing bias in ``"buffers"``. The computation is :func:`jax_moe.ffn.moe_block`, the same as
+the NNX module's. Inference-only: a gradient through ``apply`` raises
 ``jax_moe.InferenceOnlyError``.
 
 Requires ``flax`` (an optional dependency of jax_moe).
@@ -23,32 +26,33 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta, unfreeze
 
-from . import quantized as _quantized
-from .ffn import ACTIVATIONS, MoEWeights
-from .kinds import GGMLType, as_qtype, row_bytes
-from .routing import RouterConfig
+from ._extras import require
 
-__all__ = ["MoE", "QUANTIZED", "BUFFERS"]
+nn = require("flax.linen", "flax", "jax_moe.linen")
 
+from flax.core import meta, unfreeze  # noqa: E402
+
+from . import modules as _modules  # noqa: E402
+from . import quantized as _quantized  # noqa: E402
+from .ffn import MoEWeights  # noqa: E402
+from .kinds import (DENSE_DTYPES, GGMLType, WeightLayout, as_kind, as_qtype,  # noqa: E402
+                    expert_qtypes, row_bytes)
+from .routing import RouterConfig  # noqa: E402
+
+__all__ = ["MoE", "BUFFERS", "EXPERTS", "QUANTIZED", "ROUTER"]
+
+#: The collection holding dense expert kernels (and the shared expert's gate).
+EXPERTS = "experts"
 #: The collection holding quantized expert data.
 QUANTIZED = "quantized"
+#: The collection holding the router kernel and bias (unless ``trainable_router``).
+ROUTER = "router"
 #: The collection holding the selection-only routing bias.
 BUFFERS = "buffers"
-
-_DENSE_COMPUTE = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-_DOWN = ("down", "shared_down")
-
-
-def _default_kernel_init(enk: bool) -> Callable:
-    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                            in_axis=-1 if enk else -2, out_axis=-2 if enk else -1,
-                                            batch_axis=(0,))
 
 
 class MoE(nn.Module):
@@ -57,8 +61,10 @@ class MoE(nn.Module):
     Fields mirror :class:`jax_moe.nnx.MoE`: ``features`` (D), ``hidden_features`` (F),
     ``num_experts`` (E), ``router`` (a RouterConfig or an int k), ``activation``,
     ``shared_hidden_features``, ``shared_expert_gate``, ``use_router_bias``,
-    ``use_selection_bias``, ``weight_layout`` (``"ekn"`` default, or ``"enk"``), ``dtype``,
-    ``param_dtype``, ``kernel_init``, ``router_init``; plus:
+    ``use_selection_bias``, ``weight_layout`` (``"ekn"`` default as in NNX, where ``moe_matmul``
+    and ``moe_ffn`` default to ``"enk"``; or ``"enk"``, or a ``WeightLayout``), ``dtype``,
+    ``param_dtype``, ``kernel_init``, ``router_init``, ``trainable_router``, ``kind``,
+    ``debug_checks``; plus:
 
     - ``fused_gate_up``: one ``gate_up`` kernel (default) or separate ``gate`` and ``up``;
       ``fused_shared_gate_up`` the same for the shared expert (None: as ``fused_gate_up``).
@@ -75,7 +81,7 @@ class MoE(nn.Module):
     shared_expert_gate: bool = False
     use_router_bias: bool = False
     use_selection_bias: bool = False
-    weight_layout: str = "ekn"
+    weight_layout: str | WeightLayout = "ekn"
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
     fused_gate_up: bool = True
@@ -83,21 +89,21 @@ class MoE(nn.Module):
     quantization: tuple[tuple[str, str], ...] | None = None
     kernel_init: Callable | None = None
     router_init: Callable = nn.initializers.lecun_normal()
+    trainable_router: bool = False
+    kind: Any = None
+    debug_checks: bool = False
 
-    def _router_config(self) -> RouterConfig:
-        if isinstance(self.router, RouterConfig):
-            return self.router
-        if isinstance(self.router, (int, np.integer)) and not isinstance(self.router, bool):
-            return RouterConfig(k=int(self.router))
-        raise TypeError(f"router must be a jax_moe.routing.RouterConfig or an int k; got {self.router!r}")
+    def _layout(self) -> str:
+        return _modules.check_options(self.weight_layout, self.activation, self.dtype)
+
+    def _frozen(self, collection: str, name: str, init: Callable, *args: Any) -> Any:
+        """A variable of ``collection`` initialized like a param (``init(rng, *args)``)."""
+        if collection == "params":
+            return self.param(name, init, *args)
+        return self.variable(collection, name, lambda: init(self.make_rng("params"), *args)).value
 
     def _check(self) -> None:
-        if self.weight_layout not in ("enk", "ekn"):
-            raise ValueError(f'MoE: weight_layout must be "enk" or "ekn"; got {self.weight_layout!r}')
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"MoE: activation must be one of {tuple(ACTIVATIONS)}; got {self.activation!r}")
-        if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32),) + _DENSE_COMPUTE:
-            raise TypeError(f"MoE: dtype must be bfloat16, float16 or float32; got {self.dtype}")
+        self._layout()
         if self.shared_expert_gate and self.shared_hidden_features is None:
             raise ValueError("MoE: shared_expert_gate needs a shared expert (shared_hidden_features)")
 
@@ -109,18 +115,16 @@ class MoE(nn.Module):
             qt = as_qtype(quant[name], f"quantization[{name!r}]")
             var = self.variable(QUANTIZED, name, jnp.zeros, (E, n, row_bytes(qt, k)), jnp.uint8)
             return _quantized.QuantizedExperts(var.value, qt, (E, n, k))
-        enk = self.weight_layout == "enk"
-        shape = (E, n, k) if enk else (E, k, n)
-        init = self.kernel_init or _default_kernel_init(enk)
+        layout = self._layout()
+        shape = (E, n, k) if layout == "enk" else (E, k, n)
+        init = self.kernel_init or _modules.default_kernel_init(layout)
         if e is None:
-            w = self.param(name, lambda key, s, d: init(key, (1,) + s, d)[0], shape[1:], self.param_dtype)
+            w = self._frozen(EXPERTS, name, lambda key, s, d: init(key, (1,) + s, d)[0], shape[1:],
+                             self.param_dtype)
         else:
-            w = self.param(name, init, shape, self.param_dtype)
-        if jnp.dtype(self.dtype) not in _DENSE_COMPUTE:
-            raise TypeError(
-                f"MoE(dtype={jnp.dtype(self.dtype)}): dense experts run in bfloat16 or float16; set "
-                f"dtype=jnp.bfloat16, or quantize the experts (MoE.quantize) to run float32 "
-                f"activations through SCALAR_GGUF")
+            w = self._frozen(EXPERTS, name, init, shape, self.param_dtype)
+        if jnp.dtype(self.dtype) not in DENSE_DTYPES:
+            raise _modules.dense_compute_error(self.dtype)
         return jnp.asarray(w).astype(self.dtype)
 
     @nn.compact
@@ -129,8 +133,9 @@ class MoE(nn.Module):
         ``module.apply(variables, method=module.weights)``."""
         self._check()
         D, F, E = self.features, self.hidden_features, self.num_experts
-        router = self.param("router_kernel", self.router_init, (D, E), jnp.float32)
-        router_bias = (self.param("router_bias", nn.initializers.zeros, (E,), jnp.float32)
+        rc = "params" if self.trainable_router else ROUTER
+        router = self._frozen(rc, "router_kernel", self.router_init, (D, E), jnp.float32)
+        router_bias = (self._frozen(rc, "router_bias", nn.initializers.zeros, (E,), jnp.float32)
                        if self.use_router_bias else None)
         selection_bias = (self.variable(BUFFERS, "selection_bias", jnp.zeros, (E,), jnp.float32).value
                           if self.use_selection_bias else None)
@@ -150,20 +155,21 @@ class MoE(nn.Module):
                 s["shared_up"] = self._expert("shared_up", Fs, D, None)
             s["shared_down"] = self._expert("shared_down", D, Fs, None)
             if self.shared_expert_gate:
-                s["shared_expert_gate"] = self.param(
-                    "shared_expert_gate", lambda key, shape, d: nn.initializers.lecun_normal()(
+                s["shared_expert_gate"] = self._frozen(
+                    EXPERTS, "shared_expert_gate", lambda key, shape, d: nn.initializers.lecun_normal()(
                         key, shape + (1,), d)[..., 0], (D,), jnp.float32)
         return MoEWeights(router=router, down=down, gate_up=gate_up, gate=gate, up=up,
                           router_bias=router_bias, selection_bias=selection_bias,
-                          config=self._router_config(), activation=self.activation,
-                          weight_layout=self.weight_layout, **s)
+                          config=_modules.router_config(self.router), activation=self.activation,
+                          weight_layout=self._layout(), **s)
 
     def __call__(self, x: jax.Array, *, return_routing: bool = False):
         """``x [..., D]`` -> ``[..., D]`` in ``dtype`` (and ``(expert_ids, scores)`` if asked)."""
         x = jnp.asarray(x)
         if x.shape[-1:] != (self.features,):
             raise ValueError(f"MoE: x must be [..., {self.features}]; got shape {list(x.shape)}")
-        return self.weights()(x.astype(self.dtype), return_routing=return_routing)
+        return self.weights()(x.astype(self.dtype), return_routing=return_routing,
+                              kind=as_kind(self.kind, "MoE: kind"), debug_checks=self.debug_checks)
 
     # -- conversion (on unbound modules) -------------------------------------------------------
     def quantize(self, variables: Any, qtype: GGMLType | str, *,
@@ -171,45 +177,56 @@ class MoE(nn.Module):
         """Quantize the dense expert kernels of ``variables`` on the host.
 
         Returns ``(module, variables)``: a clone of this module whose ``quantization`` names
-        the quantized kernels, and variables with those kernels moved from ``"params"`` to
-        ``"quantized"``. ``down_qtype`` (default ``qtype``) is the format of the down kernels.
+        the quantized kernels, and variables with those kernels moved from ``"experts"`` to
+        ``"quantized"``. ``down_qtype`` (default ``qtype``) is the format of the down kernels;
+        a preset such as ``"Q4_K_M"`` (gate/up Q4_K, down Q6_K) sets both
+        (``jax_moe.kinds.PRESETS``). Each kernel's sharding and partitioning metadata
+        (``nn.Partitioned`` names) carry over to its blocks: E and N keep their axes, an axis on
+        K is dropped (GGUF blocks are never split).
         """
-        qt = as_qtype(qtype, "qtype")
-        dqt = qt if down_qtype is None else as_qtype(down_qtype, "down_qtype")
+        qt, dqt = expert_qtypes(qtype, down_qtype)
         variables = unfreeze(variables)
-        params = dict(variables.get("params", {}))
+        experts = dict(variables.get(EXPERTS, {}))
         quantized_vars = dict(variables.get(QUANTIZED, {}))
         quant = dict(self.quantization or ())
+        layout = self._layout()
         todo = []
-        for name in ("gate_up", "gate", "up", "down", "shared_gate_up", "shared_gate", "shared_up",
-                     "shared_down"):
-            if name not in params:
+        for name in _modules.EXPERT_NAMES:
+            if name not in experts:
                 continue
-            t = dqt if name in _DOWN else qt
-            a = _quantized.experts_enk(jnp.asarray(meta.unbox(params[name])).astype(jnp.float32), self.weight_layout, name, t)
-            todo.append((name, a, t))
-        for name, a, t in todo:
+            t = dqt if name in _modules.DOWN_NAMES else qt
+            value = meta.unbox(experts[name])
+            a = _quantized.experts_enk(jnp.asarray(value).astype(jnp.float32), layout, name, t)
+            todo.append((name, a, t, experts[name], value))
+        for name, a, t, boxed, value in todo:
             q = _quantized.quantize(a, t)
-            quantized_vars[name] = jax.device_put(np.asarray(q.data), may_alias=True)
+            shared = name.startswith("shared")
+            sharding = _quantized.quantized_sharding(value, layout, shared=shared)
+            data = jax.device_put(np.asarray(q.data), sharding, may_alias=True)
+            if isinstance(boxed, nn.Partitioned):  # keep the logical axis names, moved like the data
+                data = boxed.replace_boxed(data).replace(
+                    names=_quantized.quantized_spec(boxed.names, value.ndim, layout, shared=shared))
+            quantized_vars[name] = data
             quant[name] = t.name
-            del params[name]
-        variables["params"] = params
+            del experts[name]
+        variables[EXPERTS] = experts
         variables[QUANTIZED] = quantized_vars
         return self.clone(quantization=tuple(sorted(quant.items()))), variables
 
     @classmethod
-    def from_weights(cls, weights: MoEWeights, *, dtype: Any = jnp.bfloat16) -> tuple[MoE, dict]:
+    def from_weights(cls, weights: MoEWeights, *, dtype: Any = jnp.bfloat16,
+                     trainable_router: bool = False) -> tuple[MoE, dict]:
         """``(module, variables)`` holding ``weights`` (a :class:`jax_moe.ffn.MoEWeights`), e.g.
         from ``jax_moe.gguf.load_block_weights``; quantized weights are kept as they are."""
         if not isinstance(weights, MoEWeights):
             raise TypeError(f"weights must be a jax_moe.ffn.MoEWeights; got {type(weights).__name__}")
-        params: dict[str, Any] = {"router_kernel": jnp.asarray(weights.router, jnp.float32)}
+        router: dict[str, Any] = {"router_kernel": jnp.asarray(weights.router, jnp.float32)}
+        experts: dict[str, Any] = {}
         quantized_vars: dict[str, Any] = {}
         buffers: dict[str, Any] = {}
         quant: dict[str, str] = {}
         param_dtype: Any = jnp.bfloat16
-        for name in ("gate_up", "gate", "up", "down", "shared_gate_up", "shared_gate", "shared_up",
-                     "shared_down"):
+        for name in _modules.EXPERT_NAMES:
             w = getattr(weights, name)
             if w is None:
                 continue
@@ -219,12 +236,12 @@ class MoE(nn.Module):
                 quant[name] = GGMLType(w.qtype).name
             else:
                 w = jnp.asarray(w)
-                params[name] = w[0] if name.startswith("shared") and w.ndim == 3 else w
+                experts[name] = w[0] if name.startswith("shared") and w.ndim == 3 else w
                 param_dtype = w.dtype
         if weights.router_bias is not None:
-            params["router_bias"] = jnp.asarray(weights.router_bias, jnp.float32)
+            router["router_bias"] = jnp.asarray(weights.router_bias, jnp.float32)
         if weights.shared_expert_gate is not None:
-            params["shared_expert_gate"] = jnp.asarray(weights.shared_expert_gate, jnp.float32).reshape(-1)
+            experts["shared_expert_gate"] = jnp.asarray(weights.shared_expert_gate, jnp.float32).reshape(-1)
         if weights.selection_bias is not None:
             buffers["selection_bias"] = jnp.asarray(weights.selection_bias, jnp.float32)
         module = cls(
@@ -237,8 +254,10 @@ class MoE(nn.Module):
             weight_layout=weights.weight_layout, dtype=dtype, param_dtype=param_dtype,
             fused_gate_up=weights.gate_up is not None,
             fused_shared_gate_up=weights.shared_gate_up is not None if weights.shared_down is not None else None,
-            quantization=tuple(sorted(quant.items())) or None)
-        variables: dict[str, Any] = {"params": params}
+            quantization=tuple(sorted(quant.items())) or None, trainable_router=trainable_router)
+        variables: dict[str, Any] = {"params" if trainable_router else ROUTER: router}
+        if experts:
+            variables[EXPERTS] = experts
         if quantized_vars:
             variables[QUANTIZED] = quantized_vars
         if buffers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax._src import core
+from jax.core import ShapedArray
 from jax.interpreters import mlir
 
 from . import _ext
@@ -48,7 +48,7 @@ def _lower_cuda(ctx, x, ids, w, scores, *, kind, wtype, layout, reduce, out_dtyp
     x_rows = T * k if len(x_aval.shape) == 3 else T
     N = ctx.avals_out[0].shape[-1]
     nbytes = cuda_scratch_bytes(kind, wtype, layout, T, k, w_aval.shape[0], N, K, x_rows, reduce)
-    scratch = core.ShapedArray((max(nbytes, 1),), np.uint8)
+    scratch = ShapedArray((max(nbytes, 1),), np.uint8)
     ctx = ctx.replace(avals_out=[*ctx.avals_out, scratch])
     return _ffi_rule(ctx, x, ids, w, scores, **_attrs(kind, wtype, layout, reduce))[:1]
 

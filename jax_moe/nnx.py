@@ -11,12 +11,23 @@
     moe.quantize("Q4_K", down_qtype="Q6_K")      # in place: experts become GGUF blocks
     y = nnx.jit(lambda m, x: m(x))(moe, x)        # x [..., 1024] -> y [..., 1024]
 
-Dense expert kernels are ``nnx.Param``; quantized ones are :class:`QuantizedWeight` variables
-(not trainable, not ``nnx.Param``), whose value is the uint8 block data and whose metadata
-holds the GGUF format and logical shape. The selection-only routing bias is a
-:class:`RoutingBias` variable. The module is inference-only: ``nnx.grad`` through it raises
-``jax_moe.InferenceOnlyError`` (wrap what feeds it in ``jax.lax.stop_gradient`` to train the
-rest of a model around a frozen MoE block).
+The module is inference-only, and its weights are not ``nnx.Param``: dense expert kernels are
+:class:`ExpertWeight` variables, quantized ones :class:`QuantizedWeight` (an ExpertWeight whose
+value is the uint8 block data and whose metadata holds the GGUF format and logical shape), the
+router kernel and bias :class:`RouterWeight` (``nnx.Param`` with ``trainable_router=True``), the
+selection-only routing bias :class:`RoutingBias`. So ``nnx.grad`` and optimizers (which take
+``nnx.Param`` by default) leave the block alone, and a model holding a frozen MoE block trains
+its other layers with the MoE's input wrapped in ``jax.lax.stop_gradient``::
+
+    def loss(model, x):
+        h = model.dense(x)
+        return (h + model.moe(jax.lax.stop_gradient(h))).sum()   # the MoE adds no gradient
+    grads = nnx.grad(loss)(model, x)
+
+A gradient that would flow through the block (a trainable router, or a missing
+``stop_gradient``) raises ``jax_moe.InferenceOnlyError``; to leave parameters of your own out
+of the differentiated state, filter them: ``nnx.grad(loss, argnums=nnx.DiffState(0,
+nnx.All(nnx.Param, nnx.Not(nnx.PathContains("moe")))))``.
 
 Requires ``flax`` (an optional dependency of jax_moe).
 """
@@ -28,20 +39,33 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from . import quantized as _quantized
-from .ffn import ACTIVATIONS, MoEWeights
-from .kinds import GGMLType, as_qtype
-from .routing import RouterConfig
+from ._extras import require
 
-__all__ = ["MoE", "QuantizedWeight", "RoutingBias"]
+nnx = require("flax.nnx", "flax", "jax_moe.nnx")
 
-_DENSE_COMPUTE = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+from . import modules as _modules  # noqa: E402
+from . import quantized as _quantized  # noqa: E402
+from .ffn import MoEWeights  # noqa: E402
+from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_kind, expert_qtypes  # noqa: E402
+from .routing import RouterConfig  # noqa: E402
+
+__all__ = ["ExpertWeight", "MoE", "QuantizedWeight", "RouterWeight", "RoutingBias"]
+
 _SHARED_NAMES = ("shared_gate_up", "shared_gate", "shared_up", "shared_down")
 
 
-class QuantizedWeight(nnx.Variable):
+class ExpertWeight(nnx.Variable):
+    """Dense expert kernels (and the shared expert's gate): inference-only state, not an
+    ``nnx.Param``, so ``nnx.grad`` and ``nnx.Optimizer`` (``wrt=nnx.Param``) leave it alone."""
+
+
+class RouterWeight(nnx.Variable):
+    """The router kernel ``[D, E]`` and bias ``[E]`` of a frozen block (not an ``nnx.Param``;
+    ``MoE(trainable_router=True)`` makes them ``nnx.Param``)."""
+
+
+class QuantizedWeight(ExpertWeight):
     """GGUF-quantized expert weights (not trainable).
 
     The value is the uint8 block data ``[E, N, K // QK * block_bytes]``; the metadata
@@ -61,17 +85,28 @@ class RoutingBias(nnx.Variable):
     """
 
 
-def _quantized_variable(q: _quantized.QuantizedExperts) -> QuantizedWeight:
-    data = q.data if isinstance(q.data, jax.Array) else jax.device_put(np.asarray(q.data), may_alias=True)
-    return QuantizedWeight(data, qtype=GGMLType(q.qtype), logical_shape=tuple(q.shape))
+def _quantized_variable(q: _quantized.QuantizedExperts, sharding: Any = None,
+                        **metadata: Any) -> QuantizedWeight:
+    if isinstance(q.data, jax.Array) and sharding is None:
+        data = q.data
+    else:
+        data = jax.device_put(np.asarray(q.data), sharding, may_alias=True)
+    var = QuantizedWeight(data, qtype=GGMLType(q.qtype), logical_shape=tuple(q.shape))
+    if metadata:  # after construction: the data is placed already (no eager resharding)
+        var.set_metadata(**metadata)
+    return var
 
 
-def _router_config(router: RouterConfig | int) -> RouterConfig:
-    if isinstance(router, RouterConfig):
-        return router
-    if isinstance(router, (int, np.integer)) and not isinstance(router, bool):
-        return RouterConfig(k=int(router))
-    raise TypeError(f"router must be a jax_moe.routing.RouterConfig or an int k; got {router!r}")
+def _quantized_placement(var: nnx.Variable, value: Any, layout: str, shared: bool
+                         ) -> tuple[Any, dict]:
+    """The sharding and metadata a dense expert variable's quantized blocks keep: E and N stay
+    where they were (on the same mesh), K's axis is dropped (blocks are never split)."""
+    metadata = {k: v for k, v in var.get_metadata().items()
+                if k not in ("qtype", "logical_shape")}
+    for key in ("out_sharding", "sharding"):  # Flax's partitioning metadata (logical names)
+        if metadata.get(key) is not None:
+            metadata[key] = _quantized.quantized_spec(metadata[key], value.ndim, layout, shared=shared)
+    return _quantized.quantized_sharding(value, layout, shared=shared), metadata
 
 
 class MoE(nnx.Module):
@@ -86,15 +121,25 @@ class MoE(nnx.Module):
       activation: ``"swiglu"``, ``"geglu"``, ``"geglu_erf"`` or ``"reglu"``.
       shared_hidden_features: Fs, to add a shared expert (None: no shared expert).
       shared_expert_gate: gate the shared expert with ``sigmoid(x @ g)`` (Qwen2-MoE).
-      router_bias: add a trainable ``[E]`` bias to the router logits (gpt-oss).
+      router_bias: add an ``[E]`` bias to the router logits (gpt-oss), held like the router kernel.
       selection_bias: add a :class:`RoutingBias` ``[E]`` used for selection only (DeepSeek-V3).
-      weight_layout: ``"ekn"`` (Flax's kernel layout ``[E, D_in, D_out]``, the default) or
-        ``"enk"`` (GGUF's ``[E, D_out, D_in]``) for the dense expert kernels.
+      weight_layout: ``"ekn"`` (Flax's kernel layout ``[E, D_in, D_out]``, the default here;
+        ``moe_matmul``/``moe_ffn`` default to ``"enk"``) or ``"enk"`` (GGUF's
+        ``[E, D_out, D_in]``), or a ``WeightLayout``, for the dense expert kernels.
       dtype: computation dtype of the experts: bfloat16/float16 (WMMA and WMMA_GGUF kinds) or
         float32 (quantized experts only: SCALAR_GGUF). The output has this dtype.
       param_dtype: dtype of the dense expert kernels (the router kernel is float32).
       kernel_init: initializer of the expert kernels (default: LeCun normal per expert).
       router_init: initializer of the router kernel ``[D, E]``.
+      trainable_router: hold the router kernel and bias as ``nnx.Param`` (default: as
+        :class:`RouterWeight`, frozen like the experts). The block's output depends on the
+        router only through the routing scores, which moe_matmul cannot differentiate, so only
+        gradients that reach the router by another path (an auxiliary loss on its logits) work.
+      kind: the ``MoeKind`` every projection runs (default None: WMMA for dense experts,
+        WMMA_GGUF for quantized ones with bfloat16/float16 ``dtype``, SCALAR_GGUF with float32);
+        ``jax_moe.explain`` says what a kind runs on a platform.
+      debug_checks: checkify-check the routing (ids in ``[0, E)``, finite scores): call the
+        module under ``jax.experimental.checkify.checkify``.
       rngs: ``nnx.Rngs``.
 
     Variables: ``router_kernel [D, E]``; ``gate_up`` (``[E, D, 2F]`` in ``"ekn"``, gate columns
@@ -115,66 +160,66 @@ class MoE(nnx.Module):
         shared_expert_gate: bool = False,
         router_bias: bool = False,
         selection_bias: bool = False,
-        weight_layout: str = "ekn",
+        weight_layout: str | WeightLayout = "ekn",
         dtype: Any = jnp.bfloat16,
         param_dtype: Any = jnp.bfloat16,
         kernel_init: Callable | None = None,
         router_init: Callable | None = None,
+        trainable_router: bool = False,
+        kind: Any = None,
+        debug_checks: bool = False,
         rngs: nnx.Rngs,
     ):
         for name, v in (("features", features), ("hidden_features", hidden_features),
                         ("num_experts", num_experts)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"MoE: {name} must be a positive int; got {v!r}")
-        if weight_layout not in ("enk", "ekn"):
-            raise ValueError(f'MoE: weight_layout must be "enk" or "ekn"; got {weight_layout!r}')
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"MoE: activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
+        weight_layout = _modules.check_options(weight_layout, activation, dtype)
         dtype = jnp.dtype(dtype)
-        if dtype not in (jnp.dtype(jnp.float32),) + _DENSE_COMPUTE:
-            raise TypeError(f"MoE: dtype must be bfloat16, float16 or float32; got {dtype}")
         self.features = int(features)
         self.hidden_features = int(hidden_features)
         self.num_experts = int(num_experts)
-        self.router_config = _router_config(router)
+        self.router_config = _modules.router_config(router)
         if self.router_config.k > self.num_experts:
             raise ValueError(f"MoE: router k={self.router_config.k} exceeds num_experts={num_experts}")
         self.activation = activation
         self.weight_layout = weight_layout
         self.dtype = dtype
         self.param_dtype = jnp.dtype(param_dtype)
+        self.trainable_router = bool(trainable_router)
+        self.kind = as_kind(kind, "MoE: kind")
+        self.debug_checks = bool(debug_checks)
+        router_var = nnx.Param if self.trainable_router else RouterWeight
 
         D, F, E = self.features, self.hidden_features, self.num_experts
         enk = weight_layout == "enk"
         if kernel_init is None:
-            kernel_init = nnx.initializers.variance_scaling(
-                1.0, "fan_in", "truncated_normal", in_axis=-1 if enk else -2,
-                out_axis=-2 if enk else -1, batch_axis=(0,))
+            kernel_init = _modules.default_kernel_init(weight_layout)
         if router_init is None:
             router_init = nnx.initializers.lecun_normal()
 
         def expert_shape(n: int, k: int, e: int = E) -> tuple[int, ...]:
             return (e, n, k) if enk else (e, k, n)
 
-        self.router_kernel = nnx.Param(router_init(rngs.params(), (D, E), jnp.float32))
-        self.router_bias = nnx.data(nnx.Param(jnp.zeros((E,), jnp.float32)) if router_bias else None)
+        self.router_kernel = router_var(router_init(rngs.params(), (D, E), jnp.float32))
+        self.router_bias = nnx.data(router_var(jnp.zeros((E,), jnp.float32)) if router_bias else None)
         self.selection_bias = nnx.data(RoutingBias(jnp.zeros((E,), jnp.float32)) if selection_bias else None)
-        self.gate_up = nnx.Param(kernel_init(rngs.params(), expert_shape(2 * F, D), self.param_dtype))
+        self.gate_up = ExpertWeight(kernel_init(rngs.params(), expert_shape(2 * F, D), self.param_dtype))
         self.gate = nnx.data(None)
         self.up = nnx.data(None)
-        self.down = nnx.Param(kernel_init(rngs.params(), expert_shape(D, F), self.param_dtype))
+        self.down = ExpertWeight(kernel_init(rngs.params(), expert_shape(D, F), self.param_dtype))
 
         self.shared_hidden_features = None if shared_hidden_features is None else int(shared_hidden_features)
         for name in _SHARED_NAMES + ("shared_expert_gate",):
             setattr(self, name, nnx.data(None))
         if self.shared_hidden_features is not None:
             Fs = self.shared_hidden_features
-            self.shared_gate_up = nnx.Param(kernel_init(rngs.params(), expert_shape(2 * Fs, D, 1),
+            self.shared_gate_up = ExpertWeight(kernel_init(rngs.params(), expert_shape(2 * Fs, D, 1),
                                                         self.param_dtype)[0])
-            self.shared_down = nnx.Param(kernel_init(rngs.params(), expert_shape(D, Fs, 1),
+            self.shared_down = ExpertWeight(kernel_init(rngs.params(), expert_shape(D, Fs, 1),
                                                      self.param_dtype)[0])
             if shared_expert_gate:
-                self.shared_expert_gate = nnx.Param(
+                self.shared_expert_gate = ExpertWeight(
                     nnx.initializers.lecun_normal()(rngs.params(), (D, 1), jnp.float32)[:, 0])
         elif shared_expert_gate:
             raise ValueError("MoE: shared_expert_gate needs a shared expert (shared_hidden_features)")
@@ -194,11 +239,8 @@ class MoE(nnx.Module):
             w = get(var)
             if w is None or isinstance(w, _quantized.QuantizedExperts):
                 return w
-            if self.dtype not in _DENSE_COMPUTE:
-                raise TypeError(
-                    f"MoE(dtype={self.dtype}): dense experts run in bfloat16 or float16; set "
-                    f"dtype=jnp.bfloat16, or quantize the experts (module.quantize(...)) to run "
-                    f"float32 activations through SCALAR_GGUF")
+            if self.dtype not in DENSE_DTYPES:
+                raise _modules.dense_compute_error(self.dtype)
             return w.astype(self.dtype)
 
         return MoEWeights(
@@ -214,37 +256,48 @@ class MoE(nnx.Module):
         x = jnp.asarray(x)
         if x.shape[-1:] != (self.features,):
             raise ValueError(f"MoE: x must be [..., {self.features}]; got shape {list(x.shape)}")
-        return self.weights()(x.astype(self.dtype), return_routing=return_routing)
+        return self.weights()(x.astype(self.dtype), return_routing=return_routing,
+                              kind=self.kind, debug_checks=self.debug_checks)
+
+    def explain(self, x: Any, *, platform: str | None = None) -> str:
+        """Which kind, platform and kernel path each projection of ``self(x)`` takes
+        (``x [..., D]``: an array or ``jax.ShapeDtypeStruct``); see :func:`jax_moe.explain`."""
+        return self.weights().explain(jax.ShapeDtypeStruct(x.shape, self.dtype), kind=self.kind,
+                                      platform=platform)
 
     # -- conversion ----------------------------------------------------------------------------
     def quantize(self, qtype: GGMLType | str, *, down_qtype: GGMLType | str | None = None) -> MoE:
         """Quantize the dense expert kernels in place (on the host); returns ``self``.
 
         Args:
-          qtype: GGUF format of the gate/up kernels (``"Q4_K"``, ``GGMLType.Q8_0``, ...).
-          down_qtype: format of the down kernels (default ``qtype``); ``"Q6_K"`` with a
-            ``"Q4_K"`` gate/up is llama.cpp's Q4_K_M recipe.
+          qtype: GGUF format of the gate/up kernels (``"Q4_K"``, ``GGMLType.Q8_0``, ...), or
+            a llama.cpp preset that sets both formats: ``"Q4_K_M"`` (gate/up Q4_K, down Q6_K),
+            ``"Q5_K_M"``, ``"Q3_K_M"`` (see ``jax_moe.kinds.PRESETS``).
+          down_qtype: format of the down kernels (default ``qtype``).
 
         The shared expert's kernels get the same formats. The router stays float32. Each kernel's
-        contracting dimension must be a multiple of the format's block size (32 or 256).
+        contracting dimension must be a multiple of the format's block size (32 or 256). Each
+        kernel's sharding and partitioning metadata (``out_sharding``) carry over to its blocks:
+        E and N keep their mesh axes, an axis on K is dropped (GGUF blocks are never split).
         """
-        qt = as_qtype(qtype, "qtype")
-        dqt = qt if down_qtype is None else as_qtype(down_qtype, "down_qtype")
-        plan = {"gate_up": qt, "gate": qt, "up": qt, "down": dqt,
-                "shared_gate_up": qt, "shared_gate": qt, "shared_up": qt, "shared_down": dqt}
+        qt, dqt = expert_qtypes(qtype, down_qtype)
+        plan = {name: dqt if name in _modules.DOWN_NAMES else qt for name in _modules.EXPERT_NAMES}
         todo = []
         for name, t in plan.items():
             var = getattr(self, name)
-            if not isinstance(var, nnx.Param):
+            if not isinstance(var, (ExpertWeight, nnx.Param)) or isinstance(var, QuantizedWeight):
                 continue
-            a = _quantized.experts_enk(jnp.asarray(var[...]).astype(jnp.float32), self.weight_layout, name, t)
-            todo.append((name, a, t))
-        for name, a, t in todo:  # all checked before anything changes
-            setattr(self, name, _quantized_variable(_quantized.quantize(a, t)))
+            value = var[...]
+            a = _quantized.experts_enk(jnp.asarray(value).astype(jnp.float32), self.weight_layout, name, t)
+            placement = _quantized_placement(var, value, self.weight_layout, name.startswith("shared"))
+            todo.append((name, a, t, placement))
+        for name, a, t, (sharding, metadata) in todo:  # all checked before anything changes
+            setattr(self, name, _quantized_variable(_quantized.quantize(a, t), sharding, **metadata))
         return self
 
     @classmethod
-    def from_weights(cls, weights: MoEWeights, *, dtype: Any = jnp.bfloat16) -> MoE:
+    def from_weights(cls, weights: MoEWeights, *, dtype: Any = jnp.bfloat16,
+                     trainable_router: bool = False) -> MoE:
         """Build a module holding ``weights`` (a :class:`jax_moe.ffn.MoEWeights`), e.g. from
         ``jax_moe.gguf.load_block_weights``; quantized weights are kept as they are."""
         if not isinstance(weights, MoEWeights):
@@ -260,11 +313,11 @@ class MoE(nnx.Module):
             shared_expert_gate=weights.shared_expert_gate is not None,
             router_bias=weights.router_bias is not None,
             selection_bias=weights.selection_bias is not None, weight_layout=weights.weight_layout,
-            dtype=dtype, param_dtype=param_dtype)
+            dtype=dtype, param_dtype=param_dtype, trainable_router=trainable_router)
         # Abstract construction: no random initialization of weights that are replaced anyway.
         module = nnx.eval_shape(lambda: cls(D, F, E, rngs=nnx.Rngs(0), **kwargs))
 
-        def var(w: Any, kind: type = nnx.Param, squeeze: bool = False) -> Any:
+        def var(w: Any, kind: type = ExpertWeight, squeeze: bool = False) -> Any:
             if w is None:
                 return None
             if isinstance(w, _quantized.QuantizedExperts):
@@ -277,8 +330,9 @@ class MoE(nnx.Module):
         def put(name: str, value: Any) -> None:
             setattr(module, name, nnx.data(value))
 
-        put("router_kernel", var(jnp.asarray(weights.router, jnp.float32)))
-        put("router_bias", var(weights.router_bias))
+        router_var = nnx.Param if trainable_router else RouterWeight
+        put("router_kernel", var(jnp.asarray(weights.router, jnp.float32), router_var))
+        put("router_bias", var(weights.router_bias, router_var))
         put("selection_bias", var(weights.selection_bias, RoutingBias))
         put("gate_up", var(weights.gate_up))
         put("gate", var(weights.gate))

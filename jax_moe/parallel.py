@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from .ffn import GateUp, MoEWeights, SharedExpert, Weight, moe_ffn, router_logits
+from .ffn import GateUp, MoEWeights, SharedExpert, Weight, moe_ffn, router_logits, shared_ffn
 from .partitioning import local_expert_ids
+from .kinds import WeightLayout
 from .quantized import QuantizedExperts
 
 __all__ = ["ExpertParallel", "expert_parallel_ffn"]
@@ -199,7 +200,7 @@ class ExpertParallel:
         down: Weight,
         *,
         activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu",
-        weight_layout: str = "enk",
+        weight_layout: str | WeightLayout = "enk",
         shared: SharedExpert | None = None,
         out_dtype: Any = None,
     ) -> jax.Array:
@@ -254,7 +255,8 @@ class ExpertParallel:
             else:
                 y = jax.lax.psum(y, ea)
             if shared is not None:
-                y = y + _shared_expert(x_own, shared, activation, weight_layout)
+                y = y + shared_ffn(x_own, shared, activation=activation,
+                                   weight_layout=weight_layout)
             return y.astype(out_dtype)
 
         w_spec = self.expert_spec
@@ -280,29 +282,6 @@ class ExpertParallel:
                        activation=weights.activation, weight_layout=weights.weight_layout,
                        shared=weights.shared, out_dtype=out_dtype)
         return (out, (ids, scores)) if return_routing else out
-
-
-def _shared_expert(x: jax.Array, shared: SharedExpert, activation: Any, layout: str) -> jax.Array:
-    """The shared expert on ``x [..., D]`` alone, in float32: ``moe_ffn`` with one expert that
-    every token uses with score 1 (exactly the shared FFN), times its optional sigmoid gate."""
-    def expert(w: Any) -> Any:
-        if w is None or isinstance(w, QuantizedExperts) or jnp.ndim(w) == 3:
-            return w
-        return jnp.asarray(w)[None]
-
-    gu = shared.gate_up
-    gu = tuple(expert(w) for w in gu) if isinstance(gu, (tuple, list)) else expert(gu)
-    lead = x.shape[:-1]
-    ids = jnp.zeros(lead + (1,), jnp.int32)
-    ones = jnp.ones(lead + (1,), jnp.float32)
-    y = moe_ffn(x, ids, ones, gu, expert(shared.down), activation=activation,
-                weight_layout=layout, out_dtype=jnp.float32)
-    if shared.gate is not None:
-        d = x.shape[-1]
-        g = jnp.asarray(shared.gate).reshape(d).astype(jnp.float32)
-        logit = x.astype(jnp.float32) @ g  # as moe_ffn computes the gate
-        y = y * jax.nn.sigmoid(logit)[..., None]
-    return y
 
 
 def expert_parallel_ffn(

@@ -1,6 +1,6 @@
 """How ``moe_matmul`` runs on many devices: its partitioning rule under ``jax.jit``.
 
-``moe_matmul`` binds its primitive through :func:`bind`, which wraps it in
+``jax_moe.binding`` binds the primitive through :func:`partitioned`, which wraps it in
 ``jax.experimental.custom_partitioning`` with a Shardy sharding rule. Under ``jax.jit`` with
 sharded inputs, XLA's SPMD partitioner then asks :func:`_partition` how to split the op, and
 each device runs the ordinary kernel on its shard; the expert weights are never gathered.
@@ -42,11 +42,7 @@ axes (correct, but operands split over them are gathered).
 Nothing here assumes one host: the rule only names mesh axes, so the same program runs on a
 multi-host mesh under ``jax.distributed``.
 
-Transformations: the wrapper composes with ``vmap`` (a ``custom_vmap`` rule that folds batch
-axes into T or E, as ``batching.py`` does for the primitive, and binds through this rule
-again; the fold keeps a sharded T or E whole per device, see ``_batch_major``) and raises the
-primitive's ``InferenceOnlyError`` under differentiation. Eager calls run one ``jax.jit`` of
-the same op, so sharded arrays are partitioned outside ``jit`` too.
+How the op composes with ``vmap``, differentiation and eager calls is ``jax_moe.binding``'s.
 """
 
 from __future__ import annotations
@@ -59,13 +55,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.interpreters import ad
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .kinds import MoeKind, WeightLayout
 from .primitive import moe_matmul_p
 
-__all__ = ["Params", "Plan", "bind", "plan_partition", "sharding_rule"]
+__all__ = ["Params", "Plan", "local_expert_ids", "partitioned", "plan_partition", "sharding_rule"]
 
 Axes = tuple[str, ...]
 
@@ -334,115 +329,20 @@ def _infer(params: Params, x_rank: int, mesh: Mesh, arg_shapes: Sequence[Any], r
     return NamedSharding(mesh, plan.specs(params, x_rank)[1])
 
 
-# -- the partitioned op and its transformation rules -----------------------------------------------
-def _batch_major(a: Any) -> bool:
-    """Fold ``[B, M, ...]`` batch-major when only B is sharded in ``a``'s type (explicit mesh
-    axes); otherwise M-major, which keeps a sharded M (tokens, experts) one block per device."""
-    spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", ()) or ())
-    b, m = (spec + (None, None))[:2]
-    return bool(b) and not m
-
-
-def _fold(a: jax.Array, batch_major: bool) -> jax.Array:
-    """``[B, M, ...] -> [B * M, ...]`` (index ``b * M + m``) or ``[M * B, ...]`` (``m * B + b``)."""
-    if not batch_major:
-        a = jnp.swapaxes(a, 0, 1)
-    return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
-
-
-def _fold_batch(params: Params, size: int, batched: Sequence[bool], x, ids, w, scores) -> jax.Array:
-    """vmap rule: the (leading) batch axes of x, ids and scores fold into T, of w into E.
-
-    Folds keep a sharded T or E one contiguous block per device (see :func:`_batch_major`),
-    so the fold moves no data between devices and never gathers the weights.
-    """
-    xb, ib, wb, sb = batched
-    first = next(a for a, b in ((x, xb), (ids, ib), (scores, sb)) if b) if (xb or ib or sb) else None
-
-    def front(a, b):
-        return a if b else jnp.broadcast_to(a, (size,) + a.shape)
-
-    x, ids, scores = front(x, xb), front(ids, ib), front(scores, sb)
-    B, T, k = ids.shape
-    if wb:  # batch b's expert e becomes b * E + e (batch-major) or e * B + b
-        E = w.shape[1]
-        w_major = _batch_major(w)
-        w = _fold(w, w_major)
-        batch = jnp.arange(B, dtype=jnp.int32)[:, None, None]
-        new = batch * E + ids if w_major else ids * B + batch
-        ids = jnp.where((ids >= 0) & (ids < E), new, jnp.int32(-1))
-    t_major = first is not None and _batch_major(first)
-    out = bind(_fold(x, t_major), _fold(ids, t_major), w, _fold(scores, t_major), **params._asdict())
-    if t_major:
-        return out.reshape((B, T) + out.shape[1:])
-    return jnp.swapaxes(out.reshape((T, B) + out.shape[1:]), 0, 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _op(params: Params, x_rank: int) -> Callable:
-    """The partitioned op for one parameter set: custom_jvp(custom_vmap(custom_partitioning))."""
+# -- the partitioned primitive ---------------------------------------------------------------------
+def partitioned(params: Params, x_rank: int) -> Callable:
+    """``moe_matmul_p`` for one parameter set wrapped in ``custom_partitioning`` with its rule:
+    ``f(x, ids, w, scores)``, which XLA splits over the mesh of sharded operands."""
 
     def local(x, ids, w, scores):
         return moe_matmul_p.bind(x, ids, w, scores, **params._asdict())
 
-    partitioned = custom_partitioning(local)
+    op = custom_partitioning(local)
     rule, special = sharding_rule(params, x_rank)
-    partitioned.def_partition(
+    op.def_partition(
         partition=functools.partial(_partition, params, x_rank),
         infer_sharding_from_operands=functools.partial(_infer, params, x_rank),
         sharding_rule=rule,
         **special,
     )
-
-    @jax.custom_batching.custom_vmap
-    def batchable(x, ids, w, scores):
-        return partitioned(x, ids, w, scores)
-
-    @batchable.def_vmap
-    def _vmap_rule(axis_size, in_batched, x, ids, w, scores):
-        return _fold_batch(params, axis_size, in_batched, x, ids, w, scores), True
-
-    @jax.custom_jvp
-    def op(x, ids, w, scores):
-        return batchable(x, ids, w, scores)
-
-    @op.defjvp
-    def _jvp(primals, tangents):
-        # The primitive's own rule raises InferenceOnlyError with the remedy.
-        return ad.primitive_jvps[moe_matmul_p](primals, tangents, **params._asdict())
-
     return op
-
-
-@functools.lru_cache(maxsize=None)
-def _eager(params: Params, x_rank: int) -> Callable:
-    return jax.jit(_op(params, x_rank))
-
-
-def _partially_manual() -> bool:
-    """Inside a shard_map whose manual axes are only some of the mesh's (``axis_names=``)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    manual = set(getattr(mesh, "manual_axes", ()))
-    return bool(manual) and manual != set(mesh.axis_names)
-
-
-def bind(x: jax.Array, ids: jax.Array, w: jax.Array, scores: jax.Array, *, kind: int, wtype: int,
-         layout: int, reduce: bool, out_dtype: Any) -> jax.Array:
-    """Bind ``moe_matmul_p`` through its partitioning rule.
-
-    Operands and parameters are exactly the primitive's: x ``[T, K]`` or ``[T, k, K]``,
-    ids int32 ``[T, k]``, w ``[E, N, K]`` / ``[E, K, N]`` / uint8 blocks, scores ``[T, k]``;
-    returns ``[T, N]`` (reduce) or ``[T, k, N]``. Under ``jax.jit`` with sharded operands
-    each device computes its shard (see the module docstring); on one device this is the
-    primitive itself. Eager calls run one compiled computation, partitioned like ``jit``.
-    """
-    params = Params(int(kind), int(wtype), int(layout), bool(reduce), np.dtype(out_dtype))
-    x_rank = len(np.shape(x))
-    if x_rank not in (2, 3) or _partially_manual():
-        # Bad ranks: the primitive's checks name the problem. Inside a shard_map that leaves
-        # some mesh axes automatic, XLA cannot run a custom partitioner: the primitive then
-        # runs replicated over the automatic axes (correct, but it gathers what they split).
-        return moe_matmul_p.bind(x, ids, w, scores, **params._asdict())
-    if any(isinstance(a, jax.core.Tracer) for a in (x, ids, w, scores)):
-        return _op(params, x_rank)(x, ids, w, scores)
-    return _eager(params, x_rank)(x, ids, w, scores)

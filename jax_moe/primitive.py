@@ -9,9 +9,10 @@ Lowering lives in ``lowering.py`` and batching in ``batching.py``.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import jax
 import numpy as np
-from jax._src import dispatch  # apply_primitive: eager calls compile once per signature
 from jax.extend.core import Primitive
 from jax.interpreters import ad
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -58,10 +59,28 @@ def _jvp(primals, tangents, **params):
     raise InferenceOnlyError(
         "jax_moe.moe_matmul is inference-only: it has no derivative (no JVP or VJP). "
         "If the gradient is not needed through the MoE experts, wrap their inputs in "
-        "jax.lax.stop_gradient(...) so that nothing is differentiated through moe_matmul."
+        "jax.lax.stop_gradient(...) so that nothing is differentiated through moe_matmul. "
+        "The jax_moe Flax modules' weights are not trainable by default (jax_moe.nnx: "
+        "ExpertWeight/RouterWeight variables, not nnx.Param; jax_moe.linen: the 'experts', "
+        "'quantized' and 'router' collections, not 'params'). If the gradient reaches the "
+        "block's weights (trainable_router=True, or nnx.Param experts of your own), leave "
+        "them out of the differentiated state: nnx.grad(loss, argnums=nnx.DiffState(0, "
+        "nnx.All(nnx.Param, nnx.Not(nnx.PathContains('moe'))))) with 'moe' the block's "
+        "attribute name, or jax.grad over the other parameters only."
     )
 
 
 moe_matmul_p.def_abstract_eval(_abstract_eval)
-moe_matmul_p.def_impl(functools.partial(dispatch.apply_primitive, moe_matmul_p))
+@functools.lru_cache(maxsize=None)
+def _compiled(params: tuple) -> Any:
+    """One jitted bind per parameter set: eager calls compile once per signature."""
+    kwargs = dict(params)
+    return jax.jit(lambda *args: moe_matmul_p.bind(*args, **kwargs))
+
+
+def _impl(*args, **params):
+    return _compiled(tuple(sorted(params.items())))(*args)
+
+
+moe_matmul_p.def_impl(_impl)
 ad.primitive_jvps[moe_matmul_p] = _jvp

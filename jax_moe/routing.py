@@ -151,7 +151,7 @@ class RouterConfig:
 
 def route(
     logits: jax.Array,
-    k: int,
+    k: int | RouterConfig,
     *,
     gating: Gating = "softmax",
     normalize: bool = False,
@@ -165,7 +165,9 @@ def route(
 
     Args:
       logits: ``[..., E]`` router logits, any float dtype (computed in float32).
-      k: experts per token, ``1 <= k <= E`` (and at most the experts of the kept groups).
+      k: experts per token, ``1 <= k <= E`` (and at most the experts of the kept groups); or a
+        whole :class:`RouterConfig` (``route(logits, RouterConfig.qwen3_moe(k=8))``), which then
+        sets every option below but ``bias``.
       gating: ``"softmax"``, ``"sigmoid"`` or ``"topk_softmax"`` (top-k, then softmax over the k).
       normalize: divide the k scores by their sum.
       scale: multiply the scores by this routed scaling factor.
@@ -179,6 +181,16 @@ def route(
       ``(expert_ids, scores)``: ``int32 [..., k]`` and ``float32 [..., k]``, experts in
       decreasing order of selection value.
     """
+    if isinstance(k, RouterConfig):
+        given = dict(gating=gating, normalize=normalize, scale=scale, n_groups=n_groups,
+                     n_groups_used=n_groups_used, group_topk=group_topk)
+        defaults = dict(gating="softmax", normalize=False, scale=1.0, n_groups=1,
+                        n_groups_used=None, group_topk=2)
+        clash = sorted(n for n, v in given.items() if v != defaults[n])
+        if clash:
+            raise TypeError(f"route: pass either a RouterConfig or {', '.join(clash)}, not both "
+                            f"(use dataclasses.replace(config, ...) to change a RouterConfig)")
+        return k(logits, bias)
     cfg = RouterConfig(k=k, gating=gating, normalize=normalize, scale=scale, n_groups=n_groups,
                        n_groups_used=n_groups_used, group_topk=group_topk)
     logits = jnp.asarray(logits)

@@ -10,9 +10,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .kinds import GGMLType, MoeKind, WeightLayout, block_size, row_bytes
+from .kinds import DENSE_DTYPES, GGMLType, MoeKind, WeightLayout, block_size, row_bytes
 
-_F16_BF16 = ("float16", "bfloat16")
+_F16_BF16 = tuple(d.name for d in DENSE_DTYPES)
 
 #: Routed (token, expert) pairs one call takes: the CUDA grouping indexes pairs with int32.
 MAX_PAIRS = 2**31 - 1
@@ -38,8 +38,21 @@ def check_expert_ids(shape: Sequence[int], dtype) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+def layout_hint(layout: WeightLayout, w_shape: Sequence[int], K: int) -> str:
+    """A hint for dense weights ``w_shape`` that do not contract over ``K`` in ``layout`` but
+    would in the other layout (empty when they would not either)."""
+    if len(w_shape) != 3:
+        return ""
+    other = WeightLayout.EKN if layout == WeightLayout.ENK else WeightLayout.ENK
+    k_other = int(w_shape[1]) if other == WeightLayout.EKN else int(w_shape[2])
+    if k_other != K:
+        return ""
+    name = "[E, K, N]" if other == WeightLayout.EKN else "[E, N, K]"
+    return f'; these weights fit {name}: pass weight_layout="{other.name.lower()}"'
+
+
 def check_kind_dtypes(kind: MoeKind, x_dtype, quantized: bool, w_dtype=None) -> None:
-    """The dtype rules of DESIGN.md §2: TypeError saying which rule an explicit kind breaks."""
+    """The dtype rules of docs/contract.md §2: TypeError saying which rule an explicit kind breaks."""
     x = _dt(x_dtype)
     if kind == MoeKind.WMMA:
         if quantized:
@@ -129,7 +142,9 @@ def output_shape(
             expect = "[E, K, N]"
         if wk != K:
             raise ValueError(
-                f"w must be {expect} with K = {K} (the last dimension of x); got shape {list(w_shape)}"
+                f"w must be {expect} with K = {K} (the last dimension of x; weight_layout="
+                f"\"{WeightLayout(layout).name.lower()}\"); got shape {list(w_shape)}"
+                f"{layout_hint(WeightLayout(layout), w_shape, K)}"
             )
     if tuple(scores_shape) != (T, k):
         raise ValueError(f"scores must be [T, k] = {[T, k]} like expert_ids; got shape {list(scores_shape)}")

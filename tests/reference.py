@@ -49,7 +49,7 @@ def gguf_decode(data: np.ndarray, fmt: str, K: int) -> np.ndarray:
 
 
 def stage_q8_1(x: np.ndarray) -> np.ndarray:
-    """SCALAR_GGUF's activation staging, written from DESIGN.md §4: float64 of q * f16(d)."""
+    """SCALAR_GGUF's activation staging, written from docs/contract.md §4: float64 of q * f16(d)."""
     x = np.asarray(x, np.float32)
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)
@@ -83,3 +83,81 @@ def rel_err(out, ref) -> float:
     ref = np.asarray(ref, np.float64)
     denom = np.linalg.norm(ref)
     return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
+# -- the expert FFN (moe_ffn) ---------------------------------------------------------------------
+F32 = np.dtype(np.float32)
+
+ACTIVATIONS = {
+    "swiglu": lambda g, u: g / (1 + np.exp(-g)) * u,
+    "geglu": lambda g, u: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * u,
+}
+
+
+def _quantized(w) -> bool:
+    return hasattr(w, "qtype") and hasattr(w, "data")  # a QuantizedExperts, by its fields
+
+
+def _round(a, dtype) -> np.ndarray:
+    return round_to(a, np.dtype(dtype).name)
+
+
+def weight_as_seen(w, x_dtype, layout: str = "enk") -> np.ndarray:
+    """float64 [E, N, K] as the kernel uses it: dense as stored; quantized decoded by gguf (and
+    rounded to the activation dtype for WMMA_GGUF)."""
+    if _quantized(w):
+        d = gguf_decode(np.asarray(w.data), w.qtype.name, w.shape[2]).astype(np.float64)
+        return d if np.dtype(x_dtype) == F32 else _round(d, x_dtype)
+    w = np.asarray(w).astype(np.float64)
+    return w if layout == "enk" else np.swapaxes(w, 1, 2)
+
+
+def _stage(a, w, x_dtype) -> np.ndarray:
+    """The input of a projection: q8_1 for SCALAR_GGUF, the compute dtype's values otherwise."""
+    if _quantized(w):
+        return stage_q8_1(a) if np.dtype(x_dtype) == F32 else _round(a, x_dtype)
+    return _round(a, w.dtype)
+
+
+def _out_of(w, x_dtype) -> np.dtype:
+    """Dtype a gate/up projection writes."""
+    return np.dtype(x_dtype) if _quantized(w) else np.dtype(w.dtype)
+
+
+def ffn_reference(x, ids, scores, gate, up, down, *, act: str = "swiglu", layout: str = "enk",
+                  shared=None, out_dtype=None):
+    """float64 reference of the expert FFN (jax_moe.moe_ffn) as its kernels compute it.
+
+    x [T, D]; ids, scores [T, k]; gate, up [E, F, D] and down [E, D, F] as passed to moe_ffn
+    (dense arrays in ``layout``, or QuantizedExperts); ``shared``: None or (gate, up, down,
+    gate_weight [D] or None) with E = 1. Each projection's input is staged and its output
+    rounded as the kind does (§4 of docs/contract.md); the activation runs in float32.
+    Returns (y float64 [T, D], out_dtype).
+    """
+    x_dtype = np.dtype(np.asarray(x).dtype)
+    x = np.asarray(x).astype(np.float32).astype(np.float64)
+    ids, scores = np.asarray(ids), np.asarray(scores, np.float64)
+    out_dtype = np.dtype(out_dtype or x_dtype)
+
+    def expert_ffn(xrows, ids_, wg, wu, wd, sc):
+        g_w, u_w, d_w = (weight_as_seen(w, x_dtype, layout) for w in (wg, wu, wd))
+        xg, xu = _stage(xrows, wg, x_dtype), _stage(xrows, wu, x_dtype)
+        T, k = ids_.shape
+        y = np.zeros((T, d_w.shape[1]))
+        for t in range(T):
+            for j in range(k):
+                e = ids_[t, j]
+                g = _round(g_w[e] @ xg[t], _out_of(wg, x_dtype))
+                u = _round(u_w[e] @ xu[t], _out_of(wu, x_dtype))
+                h = _round(ACTIVATIONS[act](g, u), F32)
+                y[t] += sc[t, j] * (d_w[e] @ _stage(h, wd, x_dtype))
+        return y
+
+    y = expert_ffn(x, ids, gate, up, down, scores)
+    if shared is not None:
+        sg, su, sd, gate_w = shared
+        ys = expert_ffn(x, np.zeros((x.shape[0], 1), np.int64), sg, su, sd, np.ones((x.shape[0], 1)))
+        if gate_w is not None:
+            ys = ys / (1 + np.exp(-(x @ np.asarray(gate_w, np.float64))))[:, None]
+        y = y + ys
+    return y, out_dtype

@@ -495,3 +495,50 @@ def test_flax_module_with_sharded_experts(rng):
 def test_version_and_device_count():
     assert len(jax.devices()) == 8
     assert jax_moe.moe_matmul is moe_matmul
+
+
+def test_quantize_keeps_the_sharding_and_metadata_of_each_expert_weight(rng):
+    """MoE.quantize (NNX and Linen) keeps each expert weight's sharding and partitioning
+    metadata: E and N on their mesh axes, K's axis dropped (blocks are never split)."""
+    nnx = pytest.importorskip("flax.nnx")
+    import flax.linen as nn
+    import jax_moe.linen as moe_linen
+    import jax_moe.nnx as moe_nnx
+
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    x = jnp.asarray(rng.standard_normal((8, D)), jnp.bfloat16)
+    m = moe_nnx.MoE(D, F, E, router=2, shared_hidden_features=F, rngs=nnx.Rngs(int(rng.integers(2**31))))
+    # gate_up [E, D, 2F] ("ekn"): experts over "expert"; down [E, F, D]: N (= D) over "data"
+    m.gate_up.set_metadata(out_sharding=("expert", None, None))
+    m.down.set_metadata(out_sharding=(None, None, "data"))
+    m.shared_gate_up.set_metadata(out_sharding=("data", None))  # K of the shared expert
+    ref = nnx.clone(m).quantize("Q8_0")  # on one device
+    state = nnx.state(m)
+    nnx.update(m, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
+    m.quantize("Q8_0")
+    assert m.gate_up[...].sharding.spec == P("expert", None, None)
+    assert m.gate_up.get_metadata()["out_sharding"] == ("expert", None, None)
+    assert m.down[...].sharding.spec == P(None, "data", None)  # [E, N, Kb]: N kept
+    assert m.down.get_metadata()["out_sharding"] == (None, "data", None)
+    assert m.shared_gate_up[...].sharding.spec == P(None, None, None)  # K's axis dropped
+    assert m.gate_up[...].sharding.mesh == mesh and len(m.gate_up[...].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(m.gate_up[...]), np.asarray(ref.gate_up[...]))
+    out = nnx.jit(lambda m, x: m(x))(m, x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(nnx.jit(lambda m, x: m(x))(ref, x), np.float32))
+
+    init = nn.with_partitioning(moe_linen._modules.default_kernel_init("ekn"), ("expert", None, None))
+    lm = moe_linen.MoE(D, F, E, router=2, kernel_init=init)
+    variables = lm.init(jax.random.key(0), x)
+    assert isinstance(variables["experts"]["gate_up"], nn.Partitioned)
+    shardings = nn.get_sharding(variables, mesh)
+    variables = jax.device_put(variables, shardings)
+    qm, qv = lm.quantize(variables, "Q8_0")
+    box = qv["quantized"]["gate_up"]
+    assert isinstance(box, nn.Partitioned) and box.names == ("expert", None, None)
+    assert box.value.sharding.spec == P("expert", None, None)
+    assert box.value.sharding.mesh == mesh
+    qout = jax.jit(qm.apply)(qv, x)
+    plain = jax.device_put(jax.tree_util.tree_map(np.asarray, nn.unbox(qv)), jax.devices()[0])
+    np.testing.assert_array_equal(np.asarray(qout, np.float32),
+                                  np.asarray(jax.jit(qm.apply)(plain, x), np.float32))

@@ -1,5 +1,5 @@
 """GGUF codecs: decoding bit-exact with the gguf package, Q8_0 quantization bit-exact, K-quant
-error within DESIGN.md §3's bounds, and the QuantizedExperts / quantize / dequantize API."""
+error within docs/contract.md §3's bounds, and the QuantizedExperts / quantize / dequantize API."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from jax_moe.kinds import block_bytes, block_size
 
 from reference import BLOCKS, FORMATS, gguf_decode, gguf_type, random_blocks
 
-# ggml's reference quantizers (no importance matrix) on N(0,1) rows of 4096 (DESIGN.md §3).
+# ggml's reference quantizers (no importance matrix) on N(0,1) rows of 4096 (docs/contract.md §3).
 GGML_RMS = {"Q8_0": 0.00535, "Q6_K": 0.01773, "Q5_K": 0.03611, "Q4_K": 0.07133, "Q3_K": 0.15099, "Q2_K": 0.29656}
 
 
@@ -78,7 +78,7 @@ def test_quantizer_error_within_ggml_bounds_normal(rng, fmt):
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "Q8_0"])
 def test_quantizer_error_within_bounds_student_t5(rng, fmt):
-    """Heavy tails raise every quantizer's relative error. DESIGN.md's numbers are for N(0,1);
+    """Heavy tails raise every quantizer's relative error. docs/contract.md's numbers are for N(0,1);
     on Student-t(5) rows the bound is scaled by the heavy-tail factor of Q8_0 on the same rows
     (our Q8_0 is bit-exact with ggml's, so that factor is ggml's own)."""
     x = rng.standard_t(5, size=(1, 64, 4096)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The C++ entry points called directly, bypassing the Python wrapper (DESIGN.md §5).
+"""The C++ entry points called directly, bypassing the Python wrapper (docs/contract.md §5).
 
 - The CPU FFI handler ``jax_moe_matmul`` through ``jax.ffi.ffi_call``: every wrong shape, dtype,
   rank or attribute is an INVALID_ARGUMENT error whose message names the argument, never a crash

@@ -11,11 +11,7 @@ import pytest
 import jax_moe
 from jax_moe.ffn import MoEWeights, SharedExpert, fuse_gate_up, moe_block, moe_ffn
 from jax_moe.routing import RouterConfig
-
-try:  # an independent decoder when available
-    from gguf.quants import dequantize as _gguf_dequantize
-except ImportError:  # pragma: no cover
-    _gguf_dequantize = None
+from reference import ffn_reference as ref_ffn
 
 BF16, F16, F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32)
 # Half an ulp at 1.0: the one rounding of the output. Intermediate roundings (gate/up, h) may
@@ -26,91 +22,6 @@ HALF_ULP = {BF16: 2.0**-8, F16: 2.0**-11, F32: 2.0**-23}
 # float32 activation may sit one float32 ulp from the reference's, moving a q8 value by one step
 # in rare cases, so the bound there is half a q8 step (1/254) of the output scale.
 Q8_TOL = 1.0 / 254
-
-
-def dequant(q) -> np.ndarray:
-    if _gguf_dequantize is not None:
-        import gguf
-        data = np.asarray(q.data)
-        return _gguf_dequantize(data, gguf.GGMLQuantizationType(int(q.qtype))).reshape(q.shape).astype(np.float64)
-    return jax_moe.dequantize(q).astype(np.float64)
-
-
-def rnd(a, dtype) -> np.ndarray:
-    return np.asarray(a, np.float64).astype(np.float32).astype(dtype).astype(np.float64)
-
-
-def q8_1(a) -> np.ndarray:
-    """SCALAR_GGUF's activation staging (DESIGN.md §4), in float32 like the kernel."""
-    a = np.asarray(a, np.float32)
-    blocks = a.reshape(*a.shape[:-1], -1, 32)
-    d = (np.abs(blocks).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(d > 0, blocks / np.where(d > 0, d, 1).astype(np.float32), 0).astype(np.float32)
-    q = np.sign(r) * np.floor(np.abs(r).astype(np.float64) + 0.5)
-    return (q * d.astype(np.float16).astype(np.float64)).reshape(a.shape)
-
-
-def weight_as_seen(w, x_dtype, layout="enk"):
-    """float64 [E, N, K] as the kernel uses it: dense as stored; quantized decoded (and rounded
-    to the activation dtype for WMMA_GGUF)."""
-    if isinstance(w, jax_moe.QuantizedExperts):
-        d = dequant(w)
-        return d if np.dtype(x_dtype) == F32 else rnd(d, x_dtype)
-    w = np.asarray(w.astype(jnp.float32), np.float64)
-    return w if layout == "enk" else np.swapaxes(w, 1, 2)
-
-
-def stage(a, w, x_dtype):
-    """The input of a projection: q8_1 for SCALAR_GGUF, the compute dtype's values otherwise."""
-    if isinstance(w, jax_moe.QuantizedExperts):
-        return q8_1(a) if np.dtype(x_dtype) == F32 else rnd(a, x_dtype)
-    return rnd(a, np.dtype(w.dtype))
-
-
-def out_of(w, x_dtype):
-    """Dtype a gate/up projection writes."""
-    if isinstance(w, jax_moe.QuantizedExperts):
-        return F32 if np.dtype(x_dtype) == F32 else np.dtype(x_dtype)
-    return np.dtype(w.dtype)
-
-
-ACT = {
-    "swiglu": lambda g, u: g / (1 + np.exp(-g)) * u,
-    "geglu": lambda g, u: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * u,
-}
-
-
-def ref_ffn(x, ids, scores, gate, up, down, *, act="swiglu", layout="enk", shared=None,
-            out_dtype=None):
-    """float64 reference of moe_ffn; gate/up/down are the weights as passed to moe_ffn."""
-    x_dtype = np.dtype(jnp.asarray(x).dtype)
-    x = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
-    ids, scores = np.asarray(ids), np.asarray(scores, np.float64)
-    out_dtype = np.dtype(out_dtype or x_dtype)
-
-    def expert_ffn(xrows, ids_, wg, wu, wd, sc):
-        g_w, u_w, d_w = (weight_as_seen(w, x_dtype, layout) for w in (wg, wu, wd))
-        xg, xu = stage(xrows, wg, x_dtype), stage(xrows, wu, x_dtype)
-        T, k = ids_.shape
-        y = np.zeros((T, d_w.shape[1]))
-        for t in range(T):
-            for j in range(k):
-                e = ids_[t, j]
-                g = rnd(g_w[e] @ xg[t], out_of(wg, x_dtype))
-                u = rnd(u_w[e] @ xu[t], out_of(wu, x_dtype))
-                h = rnd(ACT[act](g, u), F32)
-                y[t] += sc[t, j] * (d_w[e] @ stage(h, wd, x_dtype))
-        return y
-
-    y = expert_ffn(x, ids, gate, up, down, scores)
-    if shared is not None:
-        sg, su, sd, gate_w = shared
-        ys = expert_ffn(x, np.zeros((x.shape[0], 1), np.int64), sg, su, sd, np.ones((x.shape[0], 1)))
-        if gate_w is not None:
-            ys = ys / (1 + np.exp(-(x @ np.asarray(gate_w, np.float64))))[:, None]
-        y = y + ys
-    return y, out_dtype
 
 
 def assert_close(out, ref, out_dtype, *, scalar=False):

@@ -72,9 +72,9 @@ def test_nnx_quantize_in_place(rng):
     assert isinstance(m.gate_up, jax_moe.nnx.QuantizedWeight) and isinstance(m.down, jax_moe.nnx.QuantizedWeight)
     assert m.gate_up.qtype == jax_moe.GGMLType.Q4_K and m.gate_up.logical_shape == (E, 2 * F, D)
     assert m.down.qtype == jax_moe.GGMLType.Q6_K
-    # not trainable: only the router is an nnx.Param now
-    params = jax.tree_util.tree_leaves(nnx.state(m, nnx.Param))
-    assert len(params) == 1 and params[0].shape == (D, E)
+    # not trainable: nothing of the block is an nnx.Param (issue 15: frozen by default)
+    assert not jax.tree_util.tree_leaves(nnx.state(m, nnx.Param))
+    assert isinstance(m.router_kernel, jax_moe.nnx.RouterWeight)
     # quantized from the [E, N, K] transpose of the dense kernels
     q_gu = jax_moe.quantize(np.swapaxes(gu_dense, 1, 2), "Q4_K")
     q_dn = jax_moe.quantize(np.swapaxes(dn_dense, 1, 2), "Q6_K")
@@ -123,14 +123,19 @@ def test_nnx_enk_shared_biases_split_merge_jit(rng):
 
 
 def test_nnx_grad_is_inference_only(rng):
+    # issue 15: the weights are frozen by default, so a gradient reaches the block only
+    # through its input (or a router made trainable)
     m = jax_moe.nnx.MoE(D, F, E, router=2, rngs=nnx.Rngs(seed(rng)))
     x = jnp.asarray(rng.standard_normal((4, D)), jnp.float32)
     loss = lambda m, x: m(x).astype(jnp.float32).sum()  # noqa: E731
     with pytest.raises(jax_moe.InferenceOnlyError, match="stop_gradient"):
-        nnx.grad(loss)(m, x)
+        nnx.grad(loss, argnums=1)(m, x)
     m.quantize("Q4_K")
     with pytest.raises(jax_moe.InferenceOnlyError, match="stop_gradient"):
-        nnx.grad(loss)(m, x)
+        nnx.grad(loss, argnums=1)(m, x)
+    trainable = jax_moe.nnx.MoE(D, F, E, router=2, trainable_router=True, rngs=nnx.Rngs(0))
+    with pytest.raises(jax_moe.InferenceOnlyError, match="stop_gradient"):
+        nnx.grad(loss)(trainable, x)
     # the remedy: a trainable layer around a frozen MoE block
     lin = nnx.Linear(D, D, rngs=nnx.Rngs(seed(rng)))
 
@@ -148,7 +153,7 @@ def test_nnx_bad_inputs(rng):
     m = jax_moe.nnx.MoE(D, 96, E, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"'down' as Q4_K.*K = 96"):
         m.quantize("Q4_K")
-    assert isinstance(m.gate_up, nnx.Param)  # nothing changed
+    assert type(m.gate_up) is jax_moe.nnx.ExpertWeight  # nothing changed (still dense)
     m.quantize("Q8_0")  # 96 is a multiple of 32
     with pytest.raises(TypeError, match="float32.*quantize"):
         jax_moe.nnx.MoE(D, F, E, dtype=jnp.float32, rngs=nnx.Rngs(0))(jnp.ones((2, D)))
@@ -165,9 +170,9 @@ def test_linen_matches_nnx_and_quantizes(rng):
     lm = jax_moe.linen.MoE(D, F, E, router=cfg, shared_hidden_features=256, shared_expert_gate=True)
     x = jnp.asarray(rng.standard_normal((2, 3, D)), jnp.bfloat16)
     variables = lm.init(jax.random.key(seed(rng)), x)
-    assert variables["params"]["gate_up"].shape == (E, D, 2 * F)
+    assert variables["experts"]["gate_up"].shape == (E, D, 2 * F)
     out = jax.jit(lm.apply)(variables, x)
-    p = variables["params"]
+    p = {**variables["experts"], **variables["router"]}
     shared = SharedExpert(p["shared_gate_up"], p["shared_down"], p["shared_expert_gate"])
     expected = jax.jit(lambda x: moe_block(x, p["router_kernel"], p["gate_up"], p["down"], router=cfg,
                                            weight_layout="ekn", shared=shared))(x)
@@ -176,14 +181,15 @@ def test_linen_matches_nnx_and_quantizes(rng):
     qm, qv = lm.quantize(variables, "Q4_K", down_qtype="Q6_K")
     assert dict(qm.quantization) == {"gate_up": "Q4_K", "down": "Q6_K", "shared_gate_up": "Q4_K",
                                      "shared_down": "Q6_K"}
-    assert set(qv["params"]) == {"router_kernel", "shared_expert_gate"}
+    assert set(qv["experts"]) == {"shared_expert_gate"} and set(qv["router"]) == {"router_kernel"}
+    assert "params" not in qv
     assert qv["quantized"]["gate_up"].dtype == jnp.uint8
     qout = jax.jit(qm.apply)(qv, x)
     # the NNX module with the same quantized weights gives the same output
     nm = jax_moe.nnx.MoE.from_weights(qm.apply(qv, method=qm.weights))
     np.testing.assert_array_equal(np.asarray(qout, np.float32), np.asarray(run(nm, x), np.float32))
     with pytest.raises(jax_moe.InferenceOnlyError, match="stop_gradient"):
-        jax.grad(lambda prm: qm.apply({**qv, "params": prm}, x).astype(jnp.float32).sum())(qv["params"])
+        jax.grad(lambda prm: qm.apply({**qv, "router": prm}, x).astype(jnp.float32).sum())(qv["router"])
     # and back: from_weights
     lm2, lv2 = jax_moe.linen.MoE.from_weights(nm.weights())
     np.testing.assert_array_equal(np.asarray(jax.jit(lm2.apply)(lv2, x), np.float32),

@@ -101,3 +101,12 @@ def test_flax_block_example(capsys, rng):
     assert ex["main"](["--seed", str(rng.integers(2**31))]) == 0
     out = capsys.readouterr().out
     assert "(2, 16, 256) -> (2, 16, 256)" in out and out.strip().endswith("ok")
+
+
+def test_scan_layers_example(capsys, rng):
+    pytest.importorskip("flax")
+    ex = _example("scan_layers.py")
+    assert ex["main"](["--layers", "3", "--seed", str(rng.integers(2**31))]) == 0
+    out = capsys.readouterr().out
+    assert "3 stacked layers" in out and "data [3, 8, 512, 144]" in out
+    assert "agree bit for bit: True" in out and out.strip().endswith("ok")

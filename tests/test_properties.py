@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of moe_matmul on the CPU (DESIGN.md §4).
+"""Property tests (hypothesis) of moe_matmul on the CPU (docs/contract.md §4).
 
 Random problems over every kind, format, dtype, layout, x rank, reduce and out dtype, with
 shapes from empty to thousands of tokens, k from 1 to E, E from 1 to 256, K at and around block

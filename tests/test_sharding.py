@@ -130,7 +130,8 @@ GROUPS = {
     "ffn-and-parallel": lambda n: n.split("[")[0] in (
         "test_moe_ffn_under_jit_with_sharded_experts", "test_parallel_ffn",
         "test_parallel_block_with_shared_expert", "test_parallel_functional_form_and_errors",
-        "test_flax_module_with_sharded_experts"),
+        "test_flax_module_with_sharded_experts",
+        "test_quantize_keeps_the_sharding_and_metadata_of_each_expert_weight"),
 }
 
 

@@ -1,0 +1,84 @@
+"""A house a newcomer can change safely (issue 15): one rule, one name, one place per concept.
+Each check reads the source, so it fails when a second copy comes back."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "jax_moe"
+
+
+def source(name: str) -> str:
+    return (PKG / name).read_text()
+
+
+def functions(name: str) -> set[str]:
+    return {n.name for n in ast.walk(ast.parse(source(name))) if isinstance(n, ast.FunctionDef)}
+
+
+def imported_modules(name: str) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(source(name))):
+        if isinstance(node, ast.ImportFrom):
+            out.add(node.module or "")
+            out.update(f"{node.module or ''}.{a.name}".lstrip(".") for a in node.names)
+    return out
+
+
+def test_one_vmap_rule_in_one_file():
+    import jax_moe.batching as batching
+    import jax_moe.binding as binding
+
+    folds = {p.name for p in PKG.glob("*.py") if {"_fold", "fold_batch", "_fold_batch"} & functions(p.name)}
+    assert folds == {"batching.py"}, folds
+    assert binding.fold_batch is batching.fold_batch  # the custom_vmap rule's fold
+    assert "fold_batch(moe_matmul_p.bind" in source("batching.py")  # the primitive's rule's
+
+
+def test_single_device_calls_do_not_go_through_partitioning():
+    assert not any("partitioning" in m for m in imported_modules("ops.py"))
+    assert "bind" not in functions("partitioning.py")
+    assert "_binding.bind(" in source("ops.py")
+
+
+def test_one_set_of_dense_dtypes():
+    pair = re.compile(r"\(\s*(jnp\.dtype\(jnp\.float16\)|\"float16\"|np\.dtype\(np\.float16\))\s*,\s*"
+                      r"(jnp\.dtype\(jnp\.bfloat16\)|\"bfloat16\"|np\.dtype\(ml_dtypes\.bfloat16\))")
+    places = {p.name: len(pair.findall(p.read_text())) for p in PKG.glob("*.py")}
+    assert {n: c for n, c in places.items() if c} == {"kinds.py": 1}, places
+
+
+def test_the_modules_share_their_router_config_and_kernel_initializer():
+    for name in ("nnx.py", "linen.py"):
+        assert "_router_config" not in functions(name)
+        assert "variance_scaling" not in source(name)
+    assert {"router_config", "default_kernel_init"} <= functions("modules.py")
+
+
+def test_one_shared_expert_ffn():
+    assert "_shared_expert" not in functions("parallel.py")
+    assert "shared_ffn(" in source("parallel.py") and "shared_ffn" in functions("ffn.py")
+
+
+def test_one_float64_ffn_reference_in_the_tests():
+    ffn_tests = (ROOT / "tests" / "test_ffn.py").read_text()
+    defined = {n.name for n in ast.walk(ast.parse(ffn_tests)) if isinstance(n, ast.FunctionDef)}
+    assert not {"ref_ffn", "q8_1", "dequant", "rnd", "weight_as_seen"} & defined, defined
+    assert "from reference import" in ffn_tests
+
+
+def test_no_unused_imports_in_ops():
+    tree = ast.parse(source("ops.py"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                names.add((a.asname or a.name).split(".")[0])
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used |= {n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+             and isinstance(n.value, ast.Name)}
+    registering = {"_batching", "_lowering"}  # imported for their registrations (noqa: F401)
+    assert names - used - {"annotations"} - registering == set()
