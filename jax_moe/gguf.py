@@ -228,7 +228,7 @@ class _Field:
 class _Tensor:
     """One tensor of a :class:`_File`: ``gguf.ReaderTensor``'s fields, its ``data`` read from the
     mapping when used (as gguf.GGUFReader shapes it: typed ``[..., K]`` for F32/F16/F64/I*,
-    uint8 ``[..., bytes per row]`` otherwise), little-endian whatever the file's byte order."""
+    uint8 ``[..., bytes per row]`` otherwise), in the host's byte order whatever the file's."""
 
     __slots__ = ("file", "name", "tensor_type", "dims", "n_elements", "n_bytes", "data_offset")
 
