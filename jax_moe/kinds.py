@@ -84,8 +84,10 @@ def as_qtype(qtype: GGMLType | int | str, name: str = "qtype") -> GGMLType:
     try:
         if isinstance(qtype, str):
             t = GGMLType[qtype.upper()]
-        else:
+        elif isinstance(qtype, (int, np.integer)) and not isinstance(qtype, (bool, np.bool_)):
             t = GGMLType(int(qtype))
+        else:  # a float such as 12.7 is not an id (int() would truncate it to Q4_K)
+            t = None
     except (KeyError, ValueError, TypeError):
         t = None
     if t is None or t not in _BLOCKS:

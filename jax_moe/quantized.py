@@ -32,6 +32,12 @@ class QuantizedExperts:
 
     def __init__(self, data: Any, qtype: GGMLType | int | str, shape: tuple[int, ...]):
         qtype = as_qtype(qtype)
+        if not (hasattr(data, "shape") and hasattr(data, "dtype")):
+            raise TypeError(f"data must be a uint8 array (numpy or jax) [E, N, K // QK * block_bytes]; "
+                            f"got {type(data).__name__}")
+        if not isinstance(shape, (tuple, list)) or not all(
+                isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) for s in shape):
+            raise TypeError(f"shape must be a tuple of ints (E, N, K); got {shape!r}")
         shape = tuple(int(s) for s in shape)
         if len(shape) < 3 or any(s < 0 for s in shape):
             raise ValueError(f"shape must be (E, N, K), or (L, ..., E, N, K) for stacked layers, "
@@ -169,6 +175,10 @@ def quantize(array: Any, qtype: GGMLType | int | str) -> QuantizedExperts:
     Multi-threaded C++; Q8_0 is bit-exact with ``gguf.quants.quantize`` and the K-quants match
     the error of ggml's reference quantizers. Returns a ``QuantizedExperts`` whose data is a
     numpy array (move it with ``jax.device_put`` as any other leaf).
+
+    Raises ValueError naming the first element the format cannot encode: NaN or infinite, or
+    a magnitude its fp16 scales cannot reach (Q8_0: ``|x| >= 65520 * 127`` in a block, where
+    ggml's scale overflows; the K-quants: ``|x| > 65504``).
     """
     qtype = as_qtype(qtype)
     a = np.asarray(array)
@@ -182,8 +192,52 @@ def quantize(array: Any, qtype: GGMLType | int | str) -> QuantizedExperts:
             f"K = {a.shape[-1]} (the last dimension of array) must be a multiple of the "
             f"{qtype.name} block size {qk}"
         )
-    data = _ext.cpu.quantize(np.ascontiguousarray(a, dtype=np.float32), int(qtype))
+    with np.errstate(over="ignore"):  # values beyond float32 are named by the check
+        x = np.ascontiguousarray(a, dtype=np.float32)
+    _check_quantizable(a, x, qtype)
+    data = _ext.cpu.quantize(x, int(qtype))
     return QuantizedExperts(data, qtype, a.shape)
+
+
+def _q8_0_scale_overflows(amax: np.ndarray) -> np.ndarray:
+    """Whether Q8_0's block scale ``d = max|x| / 127`` (float32, stored as float16, as ggml and
+    gguf.quants compute it) is infinite for block maxima ``amax``."""
+    with np.errstate(over="ignore"):
+        return np.isinf((np.asarray(amax, np.float32) / np.float32(127)).astype(np.float16))
+
+
+# Largest |x| each format stores without its fp16 scales saturating, as (test, bound for the
+# message). Q8_0: exactly where ggml's (and gguf.quants') block scale overflows float16, so
+# that Q8_0 stays bit-exact with gguf.quants for every input accepted. K-quants: the float16
+# range, within which their fitted scales (at most the range of a sub-block) stay far below
+# the largest fp16 super-block scale. Other formats: any finite value.
+_MAGNITUDE: dict[GGMLType, tuple[Any, str]] = {
+    GGMLType.Q8_0: (_q8_0_scale_overflows, "below 65520 * 127 = 8321040"),
+    **{t: ((lambda amax: np.asarray(amax) > 65504.0), "at most 65504, the float16 range")
+       for t in (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)},
+}
+_CHECK_CHUNK = 1 << 22  # elements scanned at a time (no temporary larger than this)
+
+
+def _check_quantizable(a: np.ndarray, x: np.ndarray, qtype: GGMLType) -> None:
+    """ValueError naming the first element of ``a`` (as float32: ``x``) that ``qtype`` cannot
+    encode: NaN or infinite anywhere, or a magnitude beyond the format's fp16 scales."""
+    too_large, bound = _MAGNITUDE.get(qtype, (lambda amax: np.zeros(np.shape(amax), bool), ""))
+    flat = x.reshape(-1)
+    for i0 in range(0, flat.size, _CHECK_CHUNK):
+        c = flat[i0:i0 + _CHECK_CHUNK]
+        hi, lo = c.max(), c.min()  # NaN propagates into both
+        if np.isfinite(hi) and np.isfinite(lo) and not too_large(max(hi, -lo)):
+            continue
+        bad = ~np.isfinite(c) | too_large(np.abs(c))
+        where = np.unravel_index(i0 + int(np.argmax(bad)), x.shape)
+        pos = "array[" + ", ".join(str(int(w)) for w in where) + "]"
+        v, v32 = a[where], x[where]
+        if not np.isfinite(v32) and not np.isfinite(v):
+            raise ValueError(f"{pos} is {float(v)}: quantize takes finite values only (GGUF blocks have "
+                             f"no encoding for NaN or infinity)")
+        raise ValueError(f"{pos} = {float(v):.6g} is too large for {qtype.name}: its fp16 block scales "
+                         f"would overflow (|x| must be {bound})")
 
 
 def dequantize(q: QuantizedExperts) -> np.ndarray:

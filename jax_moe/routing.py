@@ -13,10 +13,15 @@ The steps, in order (llama.cpp's ``build_moe_ffn`` and the Hugging Face referenc
 3. group-limited selection when ``n_groups > 1``: experts are split into ``n_groups`` equal
    groups, a group's score is the sum of its ``group_topk`` best selection values, and only
    the ``n_groups_used`` best groups stay eligible;
-4. the k experts with the largest selection values (ties: the lower expert id first);
+4. the k experts with the largest selection values (ties, -0.0 and +0.0 included: the lower
+   expert id first); with groups, only experts of the kept groups, even where their values are
+   -inf;
 5. ``scores = probs[ids]``; softmax over the k for ``"topk_softmax"``;
 6. ``normalize``: scores divided by their sum over the k;
 7. ``scale``: scores multiplied by the routed scaling factor.
+
+NaN is never hidden: a token whose logits hold a NaN, or any token when the bias holds one, gets
+NaN scores (its ids stay in ``[0, E)``), so the NaN reaches the layer's output.
 
 =================  ============  ==========  ===========  ========================
 model              gating        normalize   bias/groups  scale
@@ -219,6 +224,7 @@ def route(
             raise TypeError(f"route: bias must be a float array [E], got dtype {bias.dtype}")
         selection = probs + bias.astype(jnp.float32)
 
+    key = _order_key(selection)
     if cfg.n_groups > 1:
         if num_experts % cfg.n_groups:
             raise ValueError(f"route: n_groups={cfg.n_groups} must divide the number of experts "
@@ -232,11 +238,12 @@ def route(
                              f"experts of the n_groups_used={cfg.n_groups_used} kept groups")
         groups = selection.reshape(*selection.shape[:-1], cfg.n_groups, per_group)
         group_scores = jax.lax.top_k(groups, cfg.group_topk)[0].sum(axis=-1)  # [..., G]
-        _, kept = jax.lax.top_k(group_scores, cfg.n_groups_used)  # [..., n_groups_used]
+        _, kept = jax.lax.top_k(_order_key(group_scores), cfg.n_groups_used)  # [..., n_groups_used]
         keep = jnp.any(kept[..., :, None] == jnp.arange(cfg.n_groups), axis=-2)  # [..., G]
-        selection = jnp.where(keep[..., None], groups, -jnp.inf).reshape(selection.shape)
+        # Experts of the other groups rank below every value, -inf and NaN included.
+        key = jnp.where(keep[..., None], key.reshape(groups.shape), _DROPPED).reshape(key.shape)
 
-    _, expert_ids = jax.lax.top_k(selection, cfg.k)
+    _, expert_ids = jax.lax.top_k(key, cfg.k)
     scores = jnp.take_along_axis(probs, expert_ids, axis=-1)
     if cfg.gating == "topk_softmax":
         scores = jax.nn.softmax(scores, axis=-1)
@@ -244,4 +251,23 @@ def route(
         scores = scores / jnp.maximum(scores.sum(axis=-1, keepdims=True), _MIN_SUM)
     if cfg.scale != 1.0:
         scores = scores * jnp.float32(cfg.scale)
+    # NaN is never hidden: a token with a NaN selection value (a NaN logit, or a NaN bias) gets
+    # NaN scores, whichever experts it picked.
+    scores = jnp.where(jnp.isnan(selection).any(axis=-1, keepdims=True), jnp.float32(jnp.nan), scores)
     return expert_ids.astype(jnp.int32), scores.astype(jnp.float32)
+
+
+# int32 keys of _order_key: every number maps above _NAN, which is above _DROPPED.
+_DROPPED = np.int32(np.iinfo(np.int32).min)
+_NAN = np.int32(np.iinfo(np.int32).min + 1)
+
+
+def _order_key(v: jax.Array) -> jax.Array:
+    """int32 keys that order float32 values ``v`` as selection means them, for ``lax.top_k``
+    (which breaks ties by the lower index): numbers in their order with -0.0 equal to +0.0 (a
+    float top_k puts -0.0 below +0.0, breaking the lower-id rule), -inf above NaN, NaN above
+    nothing but the experts of dropped groups."""
+    v = jnp.where(v == 0, jnp.float32(0), v)
+    bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # sign-magnitude -> two's complement order
+    return jnp.where(jnp.isnan(v), _NAN, key)

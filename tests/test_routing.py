@@ -180,3 +180,62 @@ def test_bad_inputs():
         route(jnp.ones((3, 8), jnp.int32), 2)
     with pytest.raises(ValueError, match="k must be"):
         RouterConfig(k=0)
+
+
+@pytest.mark.parametrize("gating", ["softmax", "sigmoid", "topk_softmax"])
+def test_nan_logits_make_that_tokens_scores_nan(rng, gating):
+    """A NaN logit is never hidden (sigmoid used to drop its expert and keep finite scores):
+    that token's scores are all NaN, its ids stay in [0, E), the other tokens are unchanged."""
+    cfg = RouterConfig(k=4, gating=gating, normalize=gating != "topk_softmax")
+    logits, _, ref_ids, ref_scores = draw(rng, (7, 16), cfg)
+    bad = int(rng.integers(7))
+    logits[bad, rng.integers(16)] = np.nan
+    ids, scores = map(np.asarray, cfg(jnp.asarray(logits)))
+    assert np.isnan(scores[bad]).all()
+    assert ((ids >= 0) & (ids < 16)).all()
+    rest = [t for t in range(7) if t != bad]
+    np.testing.assert_array_equal(ids[rest], ref_ids[rest])
+    np.testing.assert_allclose(scores[rest], ref_scores[rest], rtol=RTOL, atol=ATOL)
+
+
+def test_nan_selection_bias_makes_every_score_nan(rng):
+    """A NaN in the selection bias (which every token adds) used to force its expert in with
+    finite scores; now every token's scores are NaN, with or without groups."""
+    for cfg in (RouterConfig(k=2, gating="sigmoid", normalize=True),
+                RouterConfig.deepseek_v3(k=4, n_groups=4, n_groups_used=2)):
+        logits = rng.standard_normal((5, 16)).astype(np.float32)
+        bias = (rng.standard_normal(16) * 0.1).astype(np.float32)
+        bias[rng.integers(16)] = np.nan
+        ids, scores = map(np.asarray, cfg(jnp.asarray(logits), jnp.asarray(bias)))
+        assert np.isnan(scores).all()
+        assert ((ids >= 0) & (ids < 16)).all()
+
+
+@pytest.mark.parametrize("n_groups,used,group_topk", [(1, 1, 2), (4, 1, 1), (4, 1, 2), (8, 2, 2)])
+def test_exact_ties_signed_zeros_and_infinities(rng, n_groups, used, group_topk):
+    """Logits drawn from {-inf, -1, -0.0, +0.0, 1, 2} (exact in float32 and float64, so the
+    reference's choice is exact): ties, -0.0 against +0.0 included, go to the lower expert id
+    (and the lower group id), and only experts of kept groups are selected even where the kept
+    experts' values are -inf."""
+    E, k = 16, 3
+    cfg = RouterConfig(k=k, gating="topk_softmax", n_groups=n_groups, n_groups_used=used,
+                       group_topk=group_topk)
+    values = np.array([-np.inf, -1.0, -0.0, 0.0, 1.0, 2.0], np.float32)
+    logits = rng.choice(values, size=(600, E), p=[0.25, 0.2, 0.25, 0.25, 0.03, 0.02])
+    ids, scores = map(np.asarray, cfg(jnp.asarray(logits)))
+    with np.errstate(invalid="ignore"):  # softmax over k values that are all -inf: NaN, as ours
+        ref_ids, ref_scores, _ = ref_route(logits, cfg)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=RTOL, atol=ATOL, equal_nan=True)
+    if n_groups > 1:
+        per = E // n_groups
+        assert all(len({int(e) // per for e in row}) <= used for row in ids)
+
+
+def test_group_limit_holds_when_the_kept_group_is_minus_inf():
+    """The case of the issue: group 2 is kept (its best value is 5), its other expert is -inf;
+    the second pick must be that expert, not expert 0 of a dropped group."""
+    logits = np.full((1, 8), -np.inf, np.float32)
+    logits[0, 4] = 5.0
+    ids, _ = route(jnp.asarray(logits), 2, gating="topk_softmax", n_groups=4, n_groups_used=1, group_topk=1)
+    np.testing.assert_array_equal(np.asarray(ids), [[4, 5]])

@@ -21,6 +21,9 @@ static ffi::Error MoeMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::
     return err;
   if (scratch->element_type() != ffi::DataType::U8 || scratch->dimensions().size() != 1)
     return invalid("the scratch result must be a 1-D uint8 buffer");
+  if (ffi::Error err = check_disjoint(*scratch, "the scratch result", x, ids, w, scores); err.failure())
+    return err;
+  if (overlaps(*scratch, *out)) return invalid("the scratch result shares memory with out");
   const CudaDevice dev = current_device();
   if (p.kind != MoeKind::SCALAR_GGUF && p.x_dtype == DType::BF16 && dev.cc_major > 0 && dev.cc_major < 8)
     return invalid("bfloat16 tensor-core kinds need a GPU of compute capability 8.0 or newer");

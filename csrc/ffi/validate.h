@@ -6,6 +6,7 @@
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "../common/gguf_blocks.h"
 #include "../common/moe_problem.h"
@@ -43,6 +44,32 @@ inline bool to_dtype(ffi::DataType t, DType& out) {
 
 inline ffi::Error invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("jax_moe.moe_matmul: " + msg);
+}
+
+// Whether two buffers share a byte: address ranges only (host or device pointers alike), no
+// read of their contents. Empty buffers share nothing.
+inline bool overlaps(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
+  const size_t na = a.size_bytes(), nb = b.size_bytes();
+  if (na == 0 || nb == 0) return false;
+  const auto pa = reinterpret_cast<uintptr_t>(a.untyped_data());
+  const auto pb = reinterpret_cast<uintptr_t>(b.untyped_data());
+  return pa < pb + nb && pb < pa + na;
+}
+
+// A result the call writes must not share memory with an input it reads (XLA never makes them
+// share one unless asked to, with input_output_aliases on a direct custom call): the kernels
+// read inputs after they have written parts of the result.
+inline ffi::Error check_disjoint(const ffi::AnyBuffer& result, const char* result_name,
+                                 const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids,
+                                 const ffi::AnyBuffer& w, const ffi::AnyBuffer& scores) {
+  const std::pair<const ffi::AnyBuffer*, const char*> inputs[] = {
+      {&x, "x"}, {&ids, "expert_ids"}, {&w, "w"}, {&scores, "scores"}};
+  for (const auto& [in, name] : inputs)
+    if (overlaps(result, *in))
+      return invalid(std::string(result_name) + " shares memory with the input " + name +
+                     " (an input_output_aliases entry?): the call would overwrite " + name +
+                     " while it still reads it; give " + result_name + " a buffer of its own");
+  return ffi::Error::Success();
 }
 
 // Fill `p` from the buffers and attributes, or say which argument is wrong.
@@ -138,7 +165,7 @@ inline ffi::Error describe_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer
     return invalid("out must be float32, float16 or bfloat16");
   if (p.kind == MoeKind::SCALAR_GGUF && p.out_dtype != DType::F32)
     return invalid("SCALAR_GGUF writes float32 out");
-  return ffi::Error::Success();
+  return check_disjoint(out, "out", x, ids, w, scores);
 }
 
 // The raw pointers of one validated call.

@@ -250,6 +250,7 @@ struct Case {
   bool reduce, per_pair;
   DType x_dtype, out_dtype;
   int64_t T, k, E, N, K;
+  bool sparse = false;  // ids mostly out of range: a few valid pairs, at chunk boundaries among them
 };
 
 void store(std::vector<uint16_t>& v, size_t i, DType t, float f) {
@@ -286,6 +287,10 @@ void run_case(const Case& c, std::mt19937_64& gen) {
   for (size_t i = 0; i < ids.size(); ++i) {
     const int r = int(gen() % 8);
     ids[i] = r < 4 ? int32_t(gen() % uint64_t(c.E)) : r < 7 ? hostile[gen() % 5] : int32_t(any_id(gen));
+    const int64_t j = int64_t(i) % c.k;
+    if (c.sparse && gen() % 2048 != 0 && j != 0 && j != c.k - 1 && j % (int64_t{1} << 20) > 1 &&
+        j % (int64_t{1} << 20) < (int64_t{1} << 20) - 2)
+      ids[i] = hostile[gen() % 5];
   }
   std::vector<float> scores(static_cast<size_t>(pairs));
   for (float& s : scores) s = normal(gen);
@@ -391,6 +396,21 @@ void test_moe_forward_cpu(std::mt19937_64& gen) {
   }
 }
 
+// Calls whose k * N or k exceed the CPU kernel's scratch budget: output columns in several
+// passes, and one token's pairs cut across chunks with its partial sums carried.
+void test_moe_forward_cpu_chunked(std::mt19937_64& gen) {
+  const int64_t shapes[][4] = {{2, int64_t{1} << 14, int64_t{1} << 11, 1}, {1, int64_t{1} << 21, 4, 0}};
+  for (const auto& s : shapes) {
+    const int64_t T = s[0], k = s[1], N = s[2];
+    for (bool reduce : {true, false}) {
+      if (!reduce && s[3]) continue;  // the [T, k, N] output of the first shape would be 256 MB
+      run_case({MoeKind::WMMA, GGMLType::BF16, reduce, false, DType::BF16, DType::F32, T, k, 3, N, 32, true}, gen);
+      run_case({MoeKind::SCALAR_GGUF, GGMLType::Q8_0, reduce, false, DType::F32, DType::F32, T, k, 3, N, 32, true}, gen);
+      run_case({MoeKind::WMMA_GGUF, GGMLType::Q4_K, reduce, false, DType::BF16, DType::BF16, T, k, 3, N, 256, true}, gen);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -405,6 +425,7 @@ int main() {
       {"bad_arguments", [](std::mt19937_64&) { test_bad_arguments(); }},
       {"q8_1", test_q8_1},
       {"moe_forward_cpu", test_moe_forward_cpu},
+      {"moe_cpu_chunked", test_moe_forward_cpu_chunked},
   };
   for (const auto& t : tests) {
     const int before = g_failures;
