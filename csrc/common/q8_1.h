@@ -1,4 +1,4 @@
-// SCALAR_GGUF's activation staging and its integer dot products with weight blocks (DESIGN.md §4).
+// SCALAR_GGUF's activation staging and its integer dot products with weight blocks (docs/contract.md §4).
 //
 // Staging, per 32 activations: d = max|x| / 127 in f32; q = round(x / d), half away from zero,
 // with that f32 d (q = 0 where max|x| = 0, or where d underflows to 0); the scale the integer

@@ -1,4 +1,4 @@
-// The CPU implementation of moe_matmul for all three kinds (DESIGN.md §4).
+// The CPU implementation of moe_matmul for all three kinds (docs/contract.md §4).
 #pragma once
 
 #include "../common/moe_problem.h"

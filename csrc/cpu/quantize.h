@@ -1,4 +1,4 @@
-// Host quantizers for the GGUF block formats (DESIGN.md §3).
+// Host quantizers for the GGUF block formats (docs/contract.md §3).
 #pragma once
 
 #include <cstdint>

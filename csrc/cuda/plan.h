@@ -1,4 +1,4 @@
-// The one place that decides which CUDA kernel and tile a call runs (DESIGN.md §5). The launch
+// The one place that decides which CUDA kernel and tile a call runs (docs/contract.md §5). The launch
 // (forward.cu), the scratch sizing (scratch.h, asked by the Python lowering) and the tests (through
 // _jax_moe_cuda.plan_description) all ask plan_call. Host-only, plain C++.
 #pragma once

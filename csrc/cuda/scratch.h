@@ -1,5 +1,5 @@
 // Layout of the device scratch buffer that XLA allocates for the CUDA handler as a hidden extra
-// output (DESIGN.md §5: handlers never allocate). Host-only, plain C++: the Python lowering asks
+// output (docs/contract.md §5: handlers never allocate). Host-only, plain C++: the Python lowering asks
 // the CUDA module for scratch_bytes() and the handler checks the buffer against the same layout.
 #pragma once
 

@@ -15,7 +15,7 @@
 // (making the decoded tile and the x pieces visible to the tensor cores) is all the step needs.
 // Between a wgmma's issue and its wait every instruction is predicated, never a thread-dependent
 // branch: ptxas serializes wgmma across divergent code (its warning C7518).
-// Numerics are the contract's (DESIGN.md §4): weights decoded exactly and rounded once to x's
+// Numerics are the contract's (docs/contract.md §4): weights decoded exactly and rounded once to x's
 // dtype, products and accumulation in f32, one rounding at the end (wgmma_common.cuh's epilogue).
 #include <type_traits>
 
