@@ -7,10 +7,12 @@ several runs), which leaves out the fixed cost of dispatching the jit. Inputs ar
 
     python benchmarks/bench_moe.py --quick            # < 3 minutes
     python benchmarks/bench_moe.py --out benchmarks/results/h200.json
+    python benchmarks/bench_moe.py --only qwen3/gate_up/1/,qwen3/gate_up/2/   # a part (device limits)
 
 Columns: µs per call; weight TB/s (bytes of the experts actually routed to, over the time);
 TFLOP/s; % of the floor (max of bytes / 4.3 TB/s and flops / 790 TFLOP/s, the H200's measured
-ceilings); and each peer's µs: jax.lax.ragged_dot on rows sorted by expert, gather-then-einsum,
+ceilings); for quantized rows the time over our bf16 row (xbf16); every row's time over
+torch._grouped_mm bf16 of the same shape in the same run (xtorch); and each peer's µs: jax.lax.ragged_dot on rows sorted by expert, gather-then-einsum,
 torch._grouped_mm (when torch imports), and for GGUF formats "decode to bf16 in JAX, then the
 fastest dense peer".
 """
@@ -53,6 +55,7 @@ SHAPES = {
     ("qwen3", "down"): dict(E=128, k=8, K=768, N=2048, per_pair=True),
 }
 SCALE_OFFSETS = {"Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+E8M0_OFFSETS = {"MXFP4": 0}  # one-byte power-of-two scales (E8M0)
 
 
 def chained(op, n: int, xl):
@@ -91,11 +94,15 @@ def device_time(make, calls: int, runs: int = 5) -> float:
 
 
 def random_gguf(key, fmt: str, E: int, N: int, K: int) -> QuantizedExperts:
-    """Random GGUF blocks with finite fp16 scales in [1e-3, 1e-2], made on the device."""
+    """Random GGUF blocks with finite scales (fp16 in [1e-3, 1e-2]; E8M0 2^-9 .. 2^-1), made on the
+    device."""
     qk, bb = block_size(fmt), block_bytes(fmt)
     k1, k2 = jax.random.split(key)
     raw = jax.random.bits(k1, (E, N, K // qk, bb), jnp.uint8)
-    for i, off in enumerate(SCALE_OFFSETS[fmt]):
+    if fmt in E8M0_OFFSETS:  # scales 2^-9 .. 2^-1
+        e = jax.random.randint(k2, (E, N, K // qk), 118, 127).astype(jnp.uint8)
+        raw = raw.at[..., E8M0_OFFSETS[fmt]].set(e)
+    for i, off in enumerate(SCALE_OFFSETS.get(fmt, ())):
         h = jax.random.uniform(jax.random.fold_in(k2, i), (E, N, K // qk), jnp.float32, 1e-3, 1e-2)
         hb = jax.lax.bitcast_convert_type(h.astype(jnp.float16), jnp.uint8)  # [..., 2]
         raw = raw.at[..., off:off + 2].set(hb)
@@ -230,40 +237,61 @@ def torch_time(torch, x_sorted: np.ndarray, group_sizes: np.ndarray, E: int, N: 
     return statistics.median(times)
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Each quantized row's time over our bf16 row and over torch._grouped_mm (bf16, measured in
+    the bf16 row of the same model, projection and T, in the same run): `x_bf16`, `x_torch`."""
+    dense = {(r["model"], r["proj"], r["T"]): r for r in rows if r.get("kind") == "WMMA" and "us" in r}
+    for r in rows:
+        d = dense.get((r.get("model"), r.get("proj"), r.get("T")))
+        if "us" not in r or d is None:
+            continue
+        if r["kind"] != "WMMA":
+            r["x_bf16"] = r["us"] / d["us"]
+        torch_us = r.get("torch_grouped_mm_us", d.get("torch_grouped_mm_us"))
+        if torch_us:
+            r["x_torch"] = r["us"] / torch_us
+
+
 def fmt_row(r: dict) -> str:
-    def g(key):
+    def g(key, w=9, p=1):
         v = r.get(key)
-        return f"{v:9.1f}" if isinstance(v, float) else f"{'-':>9}"
+        return f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'-':>{w}}"
     return (f"{r['model']:8s} {r['proj']:8s} {r['T']:5d} {r['kind']:11s} {r['fmt']:5s} {r['us']:9.1f} "
-            f"{r['weight_tbs']:6.2f} {r['tflops']:7.1f} {r['pct_floor']:6.1f}% {g('ragged_dot_us')} "
-            f"{g('gather_einsum_us')} {g('torch_grouped_mm_us')} {g('decode_then_dense_us')}")
+            f"{r['weight_tbs']:6.2f} {r['tflops']:7.1f} {r['pct_floor']:6.1f}% {g('x_bf16', 6, 2)} {g('x_torch', 6, 2)} "
+            f"{g('ragged_dot_us')} {g('gather_einsum_us')} {g('torch_grouped_mm_us')} {g('decode_then_dense_us')}")
 
 
 HEADER = (f"{'model':8s} {'proj':8s} {'T':>5s} {'kind':11s} {'fmt':5s} {'us':>9s} {'TB/s':>6s} "
-          f"{'TFLOP/s':>7s} {'%floor':>7s} {'ragged':>9s} {'einsum':>9s} {'torch':>9s} {'dec+best':>9s}")
+          f"{'TFLOP/s':>7s} {'%floor':>7s} {'xbf16':>6s} {'xtorch':>6s} {'ragged':>9s} {'einsum':>9s} {'torch':>9s} "
+          f"{'dec+best':>9s}")
 
 
-FORMATS = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# Every GGUF format the library runs; MXFP4 where this build's GGMLType has it.
+FORMATS = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"] + (["MXFP4"] if hasattr(GGMLType, "MXFP4") else [])
+DECODE_TS = (1, 2, 4, 8)  # decode-time T: every kind and format
 
 
 def plan(quick: bool):
-    """Rows as (model, proj, T, kind, fmt, with_peers). bf16 and Q4_K at every (model,
-    projection, T) with the peers; every format for gate+up at T = 1 and 4096 (and through
-    SCALAR_GGUF at T = 1 for Mixtral), where the targets name them, peers only for Q4_K."""
+    """Rows as (model, proj, T, kind, fmt, with_peers). Every shape (Qwen3-30B-A3B and
+    Mixtral-8x7B, gate+up and down) at T = 1, 2, 4, 8 (decode) for every kind and format, and at
+    T = 64, 512, 4096 for bf16 and Q4_K (every format through WMMA_GGUF for gate+up at T = 4096).
+    Peers (ragged_dot, einsum, torch._grouped_mm, decode+dense) on the bf16 and Q4_K rows; every
+    quantized row is reported against the bf16 row's torch time (add_ratios)."""
     rows = []
     if quick:
-        shapes = [("qwen3", "gate_up", (1, 64, 4096)), ("mixtral", "gate_up", (1, 64, 4096))]
+        shapes = [("qwen3", "gate_up", (1, 8, 64, 4096)), ("mixtral", "gate_up", (1, 8, 64, 4096))]
     else:
-        shapes = [("qwen3", "gate_up", (1, 8, 64, 512, 4096)), ("mixtral", "gate_up", (1, 8, 64, 512, 4096)),
-                  ("qwen3", "down", (1, 64, 4096)), ("mixtral", "down", (1, 64, 4096))]
+        shapes = [(m, p, DECODE_TS + (64, 512, 4096)) for m, p in
+                  [("qwen3", "gate_up"), ("mixtral", "gate_up"), ("qwen3", "down"), ("mixtral", "down")]]
     for model, proj, Ts in shapes:
         for T in Ts:
+            decode = T in DECODE_TS and not quick
             rows.append((model, proj, T, MoeKind.WMMA, "bf16", True))
-            every = not quick and proj == "gate_up" and T in (1, 4096)
+            every = decode or (not quick and proj == "gate_up" and T == 4096)
             for fmt in (FORMATS if every else ["Q4_K"]):
                 rows.append((model, proj, T, MoeKind.WMMA_GGUF, fmt, fmt == "Q4_K"))
-            if T == 1 and model == "mixtral" and proj == "gate_up":
-                for fmt in (["Q4_K"] if quick else FORMATS):
+            if decode or (quick and T == 1):
+                for fmt in (FORMATS if decode else ["Q4_K"]):
                     rows.append((model, proj, T, MoeKind.SCALAR_GGUF, fmt, False))
     return rows
 
@@ -292,9 +320,15 @@ def main() -> None:
                            build=jax_moe.build_info(), rows=rows), f, indent=1)
 
     print(HEADER, flush=True)
-    for i, (model, proj, T, kind, fmt, with_peers) in enumerate(plan(opts.quick)):
-        tag = f"{model}/{proj}/{T}/{kind.name}/{fmt}"
-        if opts.only and not any(s in tag for s in opts.only.split(",")):
+    planned = plan(opts.quick)
+    tags = [f"{m}/{p}/{T}/{kind.name}/{fmt}" for m, p, T, kind, fmt, _ in planned]
+    chosen = {t for t in tags if not opts.only or any(s in t for s in opts.only.split(","))}
+    # A selected quantized row brings its shape's bf16 row (ratios and torch in the same run).
+    keys = {t.rsplit("/", 2)[0] for t in chosen}
+    chosen |= {t for t, r in zip(tags, planned) if r[3] == MoeKind.WMMA and t.rsplit("/", 2)[0] in keys}
+    for i, (model, proj, T, kind, fmt, with_peers) in enumerate(planned):
+        tag = tags[i]
+        if tag not in chosen:
             continue
         try:
             row_opts = argparse.Namespace(**{**vars(opts), "peers": opts.peers and with_peers})
@@ -305,6 +339,7 @@ def main() -> None:
             write(rows)
             continue
         rows.append(r)
+        add_ratios(rows)
         print(fmt_row(r), flush=True)
         write(rows)  # after every row: a run cut short keeps what it measured
     print(f"wrote {opts.out}")

@@ -23,31 +23,36 @@ TARGETS = {
 
 
 def cell(v) -> str:
-    return f"{v:.1f}" if isinstance(v, (int, float)) else "-"
+    return (f"{v:.2f}" if v < 10 else f"{v:.1f}") if isinstance(v, (int, float)) else "-"
 
 
 def main(path: str) -> None:
     data = json.load(open(path))
     rows = [r for r in data["rows"] if "us" in r]
     bf16 = {(r["model"], r["proj"], r["T"]): r["us"] for r in rows if r["kind"] == "WMMA"}
+    torch = {(r["model"], r["proj"], r["T"]): r["torch_grouped_mm_us"] for r in rows
+             if r["kind"] == "WMMA" and "torch_grouped_mm_us" in r}
     print(f"Device: {data['device']}; jax {data['jax']}; XLA_FLAGS `{data['xla_flags']}`\n")
     print("µs per call (device time). TB/s: bytes of the experts routed to over the time. "
           "% floor: the larger of bytes / 4.3 TB/s and flops / 790 TFLOP/s, over the time. "
           "Peers: jax.lax.ragged_dot (rows sorted by expert), gather-then-einsum, torch._grouped_mm, "
           "and for GGUF: decode to bf16 in JAX + the fastest dense peer. "
-          "`vs ragged`: ragged_dot's time over ours (> 1: we are faster).\n")
-    print("| model | proj | T | kind | fmt | µs | target | TB/s | TFLOP/s | % floor | ragged_dot | einsum | torch | decode+dense | vs ragged | x bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "`vs ragged`: ragged_dot's time over ours (> 1: we are faster). `x bf16`: our time over our "
+          "bf16 row of the same shape; `x torch`: our time over torch._grouped_mm bf16 of the same "
+          "shape in the same run (< 1: we are faster).\n")
+    print("| model | proj | T | kind | fmt | µs | target | TB/s | TFLOP/s | % floor | ragged_dot | einsum | torch | decode+dense | vs ragged | x bf16 | x torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         key = (r["model"], r["proj"], r["T"], r["kind"], r["fmt"])
         tgt = TARGETS.get(key)
         mark = "" if tgt is None else (f"{tgt} ✓" if r["us"] <= tgt else f"{tgt} ✗")
         vs = r["ragged_dot_us"] / r["us"] if "ragged_dot_us" in r else None
         xb = r["us"] / bf16[key[:3]] if r["kind"] != "WMMA" and key[:3] in bf16 else None
+        xt = r["us"] / torch[key[:3]] if key[:3] in torch else None
         print(f"| {r['model']} | {r['proj']} | {r['T']} | {r['kind']} | {r['fmt']} | {cell(r['us'])} | {mark} | "
               f"{r['weight_tbs']:.2f} | {r['tflops']:.1f} | {r['pct_floor']:.1f} | {cell(r.get('ragged_dot_us'))} | "
               f"{cell(r.get('gather_einsum_us'))} | {cell(r.get('torch_grouped_mm_us'))} | "
-              f"{cell(r.get('decode_then_dense_us'))} | {cell(vs)} | {cell(xb)} |")
+              f"{cell(r.get('decode_then_dense_us'))} | {cell(vs)} | {cell(xb)} | {cell(xt)} |")
     failed = [r for r in data["rows"] if "error" in r]
     for r in failed:
         print(f"\nFAILED {r['model']}/{r['proj']}/{r['T']}/{r['kind']}/{r['fmt']}: {r['error'][:200]}")

@@ -3,6 +3,8 @@
 # GPU suite (or a subset) under compute-sanitizer. Logs go to $OUT; a short summary prints last.
 #   bash tools/h200_check.sh [tests|sanitize|all] [pytest -k expression for the sanitizer runs]
 #   bash tools/h200_check.sh bench "[bench_moe.py arguments]"
+#   bash tools/h200_check.sh small "[bench_moe.py arguments]"   (the decode-time kernels: their GPU
+#     tests, ncu of the GEMV kernels with both Q4_K roundings, then the benchmark rows)
 set -u
 MODE=${1:-all}
 SAN_K="enk or Q4_K or Q3_K or scalar or edge or reproducible or many_k or gguf_many_blocks"
@@ -47,6 +49,29 @@ if [ "$MODE" = profile ]; then
   ncu --clock-control none --print-summary per-kernel --kernel-name regex:"token_gemv|grouped_wmma|grouped_wgmma|decode_experts|stage|histogram|scan|scatter|reduce|zero" \
     python3 tools/profile_small.py > "$OUT/ncu.log" 2>&1
   grep -E "token_gemv|grouped_w|decode_experts|Duration|done" "$OUT/ncu.log" | head -80
+  exit 0
+fi
+if [ "$MODE" = small ]; then
+  t0=$(date +%s)
+  timeout 220 python3 -m pytest -q -m gpu test_gpu_small_t.py test_gpu.py -x -p no:cacheprovider \
+    -k "small_t or mma or wmma_gpu or gguf_gpu or agrees or reproducible or edge or graphs" > "$OUT/gpu_tests.log" 2>&1
+  summary+=("gpu tests ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/gpu_tests.log")")
+  grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/gpu_tests.log" | head -8
+  cd ..
+  for v in 0 1; do
+    fm=""; [ $v = 1 ] && fm=Q4_K
+    JAX_MOE_GEMV_SPLIT=$v timeout 100 ncu --clock-control none --print-summary per-kernel --kernel-name regex:"mma_gemv|token_gemv" \
+      python3 tools/profile_small.py $fm > "$OUT/ncu_split$v.log" 2>&1
+    summary+=("ncu split=$v: $(grep -cE "mma_gemv|token_gemv" "$OUT/ncu_split$v.log") kernel lines")
+  done
+  grep -E "mma_gemv_kernel|token_gemv_kernel|Duration|done" "$OUT/ncu_split0.log" | grep -vE "^\s+(Min|Max)" | head -60 > "$OUT/ncu_short.txt"
+  t1=$(date +%s)
+  [ -n "${2:-}" ] && timeout ${BENCH_S:-170} python3 benchmarks/bench_moe.py ${2} --out "$OUT/bench.json" 2>&1 | grep -v "^WARNING" > "$OUT/bench.log"
+  summary+=("bench ($(( $(date +%s) - t1 )) s)")
+  echo "===== ncu (split 0)"; grep -E "mma_gemv|token_gemv|Duration|done" "$OUT/ncu_split0.log" | grep -E "done|Duration|kernel" | sed -E 's/^ +//' | cut -c1-110 | head -40
+  echo "===== ncu (split 1)"; grep -E "Duration|done" "$OUT/ncu_split1.log" | sed -E 's/^ +//' | cut -c1-110 | head -30
+  echo "===== bench"; cat "$OUT/bench.log" 2>/dev/null | tail -40
+  echo "===== summary"; printf '%s\n' "${summary[@]}"
   exit 0
 fi
 if [ "$MODE" = bench ]; then

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "../common/gguf_blocks.h"
@@ -37,12 +38,21 @@ struct CudaPlan {
   bool grouped() const { return kernel != CudaKernel::kTokenGemv; }
 };
 
-// Pairs per expert up to which the token GEMV serves (its re-reads of the weights cost less than
-// the GEMM's tiles there). Measured on the H200: benchmarks/NOTES.md.
+// Pairs per expert up to which the GEMV serves (its re-reads of the weights cost less than
+// the GEMM's tiles there). Where the tensor-core GEMV fits (mma_gemv.cuh: K a multiple of 256,
+// at most 512 pairs; small_t.cu picks it), each expert's rows are read once for up to 16 of its
+// pairs, and it serves up to kMmaGemvPairsPerExpert pairs per expert (measured on the H200:
+// benchmarks/NOTES.md); elsewhere the token GEMV re-reads an expert for every pair.
+constexpr int64_t kMmaGemvPairsPerExpert = 8;
 inline bool token_gemv_serves(const MoeProblem& p, const CudaDevice& d) {
   if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the GEMV
   if (p.layout != WeightLayout::ENK) return false;  // the GEMV needs rows contiguous along K
-  return p.T <= 4 || p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
+  if (p.T <= 4) return true;
+  const bool mma = d.cc_major >= 8 && p.K % 256 == 0 && p.pairs() <= 512 &&
+                   (p.kind == MoeKind::WMMA || (is_quantized(p.wtype) && 256 % block_elems(p.wtype) == 0));
+  int64_t per_expert = kMmaGemvPairsPerExpert;
+  if (const char* v = std::getenv("JAX_MOE_GEMV_PAIRS_PER_EXPERT")) per_expert = std::atoll(v);  // experiment
+  return mma ? p.pairs() <= per_expert * p.E : p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
 }
 
 // Tile choices of the Hopper kernels.

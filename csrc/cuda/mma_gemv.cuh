@@ -1,0 +1,422 @@
+// Few pairs per expert on the tensor cores (WMMA and WMMA_GGUF at decode-time T): each warp owns
+// a tile of 8 weight rows of one expert and runs mma.sync m16n8k16 with the weights as the n8
+// operand and up to 16 of that expert's pairs as the m16 operand, so every weight is read from
+// memory and decoded once per call however many of the expert's pairs there are (up to 16 per
+// pass), and the products and the f32 accumulation are the tensor cores' (as in the GEMM).
+//
+// Layout of one chunk of 256 K elements of a warp's 8 rows: lane = 4 * r + c holds row r and
+// 64 of the chunk's elements in 8 groups of 8 consecutive ones; group g starts at Tile::kpos(c, g).
+// The mma's 16 k slots of lane c are (2c, 2c+1, 2c+8, 2c+9): group g feeds two mmas, its elements
+// 0-3 the first and 4-7 the second, and x is loaded with the same map (a permutation of k in
+// both operands leaves the dot product as it is).
+//
+// Block: 8 rows of N x a group of touched experts (non-reduce) or all of them (reduce); its warps
+// take (expert, K split) items. Each warp finds its expert's pairs by scanning the ids in pair
+// order, so everything is deterministic; partial dots go to shared memory per (split, pair, row)
+// and the block sums splits in order and, with reduce, a token's k pairs in order j = 0..k-1.
+// No allocation, no host reads: CUDA-graph safe.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../common/gguf_formats.h"
+#include "common.cuh"
+#include "decode.cuh"
+#include "kernels.h"
+
+namespace jax_moe {
+
+constexpr int kMmaRows = 8;          // weight rows per warp tile (the mma's n)
+constexpr int kMmaPass = 16;         // pairs per mma pass (the mma's m)
+constexpr int kMmaChunk = 256;       // K elements per chunk (8 per lane group, 8 groups, 4 lanes)
+constexpr int kMmaMaxPairs = 512;    // pairs per call the kernel takes
+constexpr int kMmaMaxE = 4096;       // experts the shared bitmap covers
+constexpr int kMmaMaxWarps = 16;
+constexpr int kMmaPartialBytes = 32 * 1024;  // shared memory for the partial dots
+
+struct MmaGemvArgs {
+  const void* x;
+  const int32_t* ids;
+  const void* w;
+  const void* scores;
+  void* out;
+  int64_t T, k, N, K, E, row_bytes;  // row_bytes: bytes of one weight row (dense: 2 K)
+  DType score_dtype, out_dtype;
+  bool reduce, x_per_pair;
+  int splits;        // the chunks of K split into this many items per expert
+  int group;         // touched experts per block (grid.y groups of them)
+};
+
+// c += a * b on the tensor cores, m16n8k16, f32 accumulators.
+template <DType D>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (D == DType::BF16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // the host never launches this kernel below sm_80
+#endif
+}
+
+// --- weight tiles: how lane c of a row gets its 8 groups of a chunk as packed D values ---------
+// struct Raw: the lane's raw bytes of one chunk (registers, loaded ahead); load(raw, row, ch, c);
+// prep(raw, c, prep) once per chunk; group<G>(raw, prep) -> uint4 (8 packed values, element 0 in
+// the low half of .x).
+
+// Dense experts as stored: 16 bytes per group, the 4 lanes of a row read 64 contiguous bytes.
+template <DType D>
+struct DenseTile {
+  static constexpr int DEPTH = 2;  // chunks loaded ahead
+  struct Raw { uint4 v[8]; };
+  struct Prep {};
+  static __device__ __forceinline__ int kpos(int c, int g) { return 8 * (c + 4 * g); }
+  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
+    const uint4* p = reinterpret_cast<const uint4*>(row) + ch * (kMmaChunk / 8) + c;
+#pragma unroll
+    for (int g = 0; g < 8; ++g) r.v[g] = __ldg(p + 4 * g);
+  }
+  static __device__ __forceinline__ void prep(const Raw&, int, Prep&) {}
+  template <int G>
+  static __device__ __forceinline__ uint4 group(const Raw& r, Prep&) { return r.v[G]; }
+};
+
+// Any GGUF format through its Format<> traits (decode8_rounded: ggml's formulas, rounded once to
+// D), read from global memory as the format's alignment allows. Lane c covers elements
+// 64c .. 64c+63 of the chunk.
+template <class F, DType D>
+struct GgufTile {
+  static_assert(kMmaChunk % F::QK == 0 && F::SUB % 8 == 0 && 64 % F::SUB == 0, "chunk holds whole sub-blocks");
+  static constexpr int DEPTH = 1;
+  struct Raw { const uint8_t* chunk; };
+  struct Prep { float a, m; };
+  static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
+  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int) {
+    r.chunk = row + ch * (kMmaChunk / F::QK) * static_cast<int64_t>(sizeof(typename F::Block));
+  }
+  static __device__ __forceinline__ void prep(const Raw&, int, Prep&) {}
+  template <int G>
+  static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
+    if (!r.chunk) return make_uint4(0, 0, 0, 0);  // a row past N
+    const int e = 64 * c + 8 * G;  // element of the chunk
+    const auto& blk = reinterpret_cast<const typename F::Block*>(r.chunk)[e / F::QK];
+    const int i0 = e % F::QK;
+    if ((8 * G) % F::SUB == 0) F::scale_min(blk, i0 / F::SUB, p.a, p.m);
+    return decode8_rounded<F, D>(blk, i0, p.a, p.m);
+  }
+};
+
+// f32 -> bf16, round to nearest even, as the f32 value with the low 16 bits zero (Veltkamp's
+// split with 2^16 + 1). Exact RNE for every finite |v| < 2^100 that is not an f32 subnormal
+// (checked over all such f32 values); the K-quants' decoded values are multiples of 2^-24, never
+// subnormal. The difference is taken as g - (g - v) so that -0 stays -0.
+__device__ __forceinline__ uint32_t bf16_rne_split(float v) {
+  const float g = __fmul_rn(v, 65537.0f);
+  return __float_as_uint(__fsub_rn(g, __fsub_rn(g, v)));
+}
+
+// Q4_K with whole-block loads: the 16-byte header (d, dmin, scales) and the lane's 32 bytes of
+// quants, whose low nibbles are sub-block 2c and high nibbles sub-block 2c + 1 (ggml's layout).
+// a * q - m as one fma (a * q is exact in f32, so it equals the unfused form), rounded to D.
+template <DType D, bool SPLIT>
+struct Q4KTile {
+  using F = Format<GGMLType::Q4_K>;
+  static constexpr int DEPTH = 3;
+  struct Raw { uint4 h, q0, q1; };
+  struct Prep { float a0, m0, a1, m1; bool finite; };
+  static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
+  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
+    const uint8_t* b = row + ch * 144;
+    r.h = __ldg(reinterpret_cast<const uint4*>(b));
+    r.q0 = __ldg(reinterpret_cast<const uint4*>(b + 16 + 32 * c));
+    r.q1 = __ldg(reinterpret_cast<const uint4*>(b + 32 + 32 * c));
+  }
+  // k4_scale_min for sub-blocks 2c and 2c + 1, on the header's registers.
+  static __device__ __forceinline__ void prep(const Raw& r, int c, Prep& p) {
+    const float d = half_to_float(static_cast<uint16_t>(r.h.x & 0xffff));
+    const float dmin = half_to_float(static_cast<uint16_t>(r.h.x >> 16));
+    const bool hi = c >= 2;
+    const int sh = 16 * (c & 1);  // byte (2c) & 3 of each word, and the next byte
+    const uint32_t y = r.h.y >> sh, z = r.h.z >> sh, w = r.h.w >> sh;
+    int sc[2], mn[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t by = (y >> (8 * i)) & 0xff, bz = (z >> (8 * i)) & 0xff, bw = (w >> (8 * i)) & 0xff;
+      sc[i] = hi ? static_cast<int>((bw & 0xF) | ((by >> 6) << 4)) : static_cast<int>(by & 63);
+      mn[i] = hi ? static_cast<int>((bw >> 4) | ((bz >> 6) << 4)) : static_cast<int>(bz & 63);
+    }
+    p.a0 = mul_rn(d, static_cast<float>(sc[0]));
+    p.m0 = mul_rn(dmin, static_cast<float>(mn[0]));
+    p.a1 = mul_rn(d, static_cast<float>(sc[1]));
+    p.m1 = mul_rn(dmin, static_cast<float>(mn[1]));
+    p.finite = isfinite(p.a0) && isfinite(p.m0) && isfinite(p.a1) && isfinite(p.m1);
+  }
+  template <int G>
+  static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p) {
+    const uint4& q = (G & 2) ? r.q1 : r.q0;
+    uint32_t lo = (G & 1) ? q.z : q.x, hi = (G & 1) ? q.w : q.y;
+    if (G >= 4) { lo >>= 4; hi >>= 4; }
+    lo &= 0x0F0F0F0Fu;
+    hi &= 0x0F0F0F0Fu;
+    const float a = G < 4 ? p.a0 : p.a1, m = G < 4 ? p.m0 : p.m1;
+    float v[8];
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
+      v[t] = __fmaf_rn(a, __fsub_rn(__uint_as_float(bits), 8388608.0f), -m);
+    }
+    if constexpr (SPLIT && D == DType::BF16) {
+      if (p.finite) {
+        uint32_t u[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) u[t] = bf16_rne_split(v[t]);
+        return make_uint4(__byte_perm(u[0], u[1], 0x7632), __byte_perm(u[2], u[3], 0x7632),
+                          __byte_perm(u[4], u[5], 0x7632), __byte_perm(u[6], u[7], 0x7632));
+      }
+    }
+    return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
+  }
+};
+
+// The tile's group G, for tiles whose group() needs the lane (GgufTile) or not.
+template <class Tile, int G>
+__device__ __forceinline__ auto tile_group(const typename Tile::Raw& r, typename Tile::Prep& p, int c)
+    -> decltype(Tile::template group<G>(r, p, c)) {
+  return Tile::template group<G>(r, p, c);
+}
+template <class Tile, int G>
+__device__ __forceinline__ auto tile_group(const typename Tile::Raw& r, typename Tile::Prep& p, int)
+    -> decltype(Tile::template group<G>(r, p)) {
+  return Tile::template group<G>(r, p);
+}
+
+// The next up to 16 pairs of expert e at pair index >= from, in pair order: lane (m, c) gets the
+// m-th in pa and the (m + 8)-th in pb (-1 where there is none). Returns the index to continue from.
+__device__ __forceinline__ int next_pass(const int32_t* s_ids, int P, int e, int from, int lane, int& pa, int& pb) {
+  const int ta = lane >> 2, tb = ta + 8;
+  pa = pb = -1;
+  int got = 0;
+  for (int q0 = from; q0 < P; q0 += 32) {
+    const int q = q0 + lane;
+    const unsigned bal = __ballot_sync(0xffffffffu, q < P && s_ids[q] == e);
+    const int cnt = __popc(bal);
+    if (ta >= got && ta < got + cnt) pa = q0 + static_cast<int>(__fns(bal, 0, ta - got + 1));
+    if (tb >= got && tb < got + cnt) pb = q0 + static_cast<int>(__fns(bal, 0, tb - got + 1));
+    if (got + cnt >= kMmaPass) return q0 + static_cast<int>(__fns(bal, 0, kMmaPass - got)) + 1;
+    got += cnt;
+  }
+  return P;
+}
+
+template <DType D>
+__device__ __forceinline__ uint4 load_x8(const uint16_t* xrow, int64_t off) {
+  return xrow ? __ldg(reinterpret_cast<const uint4*>(xrow + off)) : make_uint4(0, 0, 0, 0);
+}
+
+// One chunk of the warp's tile: decode the 8 groups and run the 16 mmas. TWO: the pass has more
+// than 8 pairs (the mma's rows 8-15 carry pairs too; else they are zero and x is not loaded).
+template <class Tile, DType D, bool TWO>
+__device__ __forceinline__ void mma_chunk(float (&acc)[4], const typename Tile::Raw& r, const uint16_t* xa,
+                                          const uint16_t* xb, int64_t ch, int c) {
+  typename Tile::Prep p;
+  Tile::prep(r, c, p);
+  const int64_t base = ch * kMmaChunk;
+#define JAX_MOE_MMA_GROUP(G)                                                                        \
+  {                                                                                                 \
+    const uint4 X = load_x8<D>(xa, base + Tile::kpos(c, G));                                        \
+    const uint4 Y = TWO ? load_x8<D>(xb, base + Tile::kpos(c, G)) : make_uint4(0, 0, 0, 0);         \
+    const uint4 w = tile_group<Tile, G>(r, p, c);                                                   \
+    mma16816<D>(acc, X.x, Y.x, X.y, Y.y, w.x, w.y);                                                 \
+    mma16816<D>(acc, X.z, Y.z, X.w, Y.w, w.z, w.w);                                                 \
+  }
+  JAX_MOE_MMA_GROUP(0) JAX_MOE_MMA_GROUP(1) JAX_MOE_MMA_GROUP(2) JAX_MOE_MMA_GROUP(3)
+  JAX_MOE_MMA_GROUP(4) JAX_MOE_MMA_GROUP(5) JAX_MOE_MMA_GROUP(6) JAX_MOE_MMA_GROUP(7)
+#undef JAX_MOE_MMA_GROUP
+}
+
+// All chunks [ch0, ch1) of one pass, DEPTH chunks of weights loaded ahead.
+template <class Tile, DType D, bool TWO>
+__device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* row, const uint16_t* xa, const uint16_t* xb,
+                                         int ch0, int ch1, int c) {
+  constexpr int DEPTH = Tile::DEPTH;
+  typename Tile::Raw buf[DEPTH];
+#pragma unroll
+  for (int i = 0; i < DEPTH; ++i) {
+    buf[i] = typename Tile::Raw{};
+    if (row && ch0 + i < ch1) Tile::load(buf[i], row, ch0 + i, c);
+  }
+  for (int ch = ch0; ch < ch1; ch += DEPTH) {
+#pragma unroll
+    for (int i = 0; i < DEPTH; ++i) {
+      if (ch + i < ch1) {
+        mma_chunk<Tile, D, TWO>(acc, buf[i], xa, xb, ch + i, c);
+        if (row && ch + i + DEPTH < ch1) Tile::load(buf[i], row, ch + i + DEPTH, c);
+      }
+    }
+  }
+}
+
+// grid.x: tiles of 8 rows; grid.y: groups of a.group touched experts (ranked by expert id).
+// WIDE: passes may carry more than 8 pairs (the host sets it when the call has more than 8).
+template <class Tile, DType D, bool WIDE>
+__global__ void __launch_bounds__(kMmaMaxWarps * 32) mma_gemv_kernel(MmaGemvArgs a) {
+  __shared__ int32_t s_ids[kMmaMaxPairs];
+  __shared__ uint32_t s_bits[kMmaMaxE / 32];
+  __shared__ int32_t s_rank[kMmaMaxE / 32];  // touched experts in the words before
+  __shared__ int32_t s_touched;
+  extern __shared__ float s_part[];  // [splits][P][8]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int P = static_cast<int>(a.T * a.k), words = static_cast<int>((a.E + 31) / 32);
+  for (int i = tid; i < words; i += blockDim.x) s_bits[i] = 0;
+  __syncthreads();
+  for (int p = tid; p < P; p += blockDim.x) {
+    const int32_t e = a.ids[p];
+    const bool ok = valid_expert(e, a.E);
+    s_ids[p] = ok ? e : -1;
+    if (ok) atomicOr(&s_bits[e >> 5], 1u << (e & 31));  // integer OR: order-independent
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int base = 0;
+    for (int w0 = 0; w0 < words; w0 += 32) {
+      const int cnt = w0 + lane < words ? __popc(s_bits[w0 + lane]) : 0;
+      int incl = cnt;
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      if (w0 + lane < words) s_rank[w0 + lane] = base + incl - cnt;
+      base += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) s_touched = base;
+  }
+  __syncthreads();
+  const int touched = s_touched;
+  const int u0 = static_cast<int>(blockIdx.y) * a.group;
+  const int nu = min(a.group, touched - u0);  // this block's experts
+  const int64_t n0 = int64_t{blockIdx.x} * kMmaRows;
+  const int chunks = static_cast<int>(a.K / kMmaChunk);
+  const int c = lane & 3;
+  const int64_t n = n0 + (lane >> 2);
+  for (int item = warp; item < nu * a.splits; item += nwarps) {
+    const int u = u0 + item / a.splits, s = item % a.splits;
+    // The u-th touched expert: the word whose rank range holds u, then the bit.
+    int e = 0;
+    for (int w0 = 0; w0 < words; w0 += 32) {
+      const int wi = w0 + lane;
+      const bool here = wi < words && s_rank[wi] <= u && u < s_rank[wi] + __popc(s_bits[wi]);
+      const unsigned bal = __ballot_sync(0xffffffffu, here);
+      if (bal) {
+        const int src = __ffs(bal) - 1;
+        const int wsel = w0 + src;
+        e = wsel * 32 + static_cast<int>(__fns(s_bits[wsel], 0, u - s_rank[wsel] + 1));
+        break;
+      }
+    }
+    const int ch0 = chunks * s / a.splits, ch1 = chunks * (s + 1) / a.splits;
+    const uint8_t* row = n < a.N ? static_cast<const uint8_t*>(a.w) + (e * a.N + n) * a.row_bytes : nullptr;
+    for (int from = 0; from < P;) {
+      int pa, pb;
+      from = next_pass(s_ids, P, e, from, lane, pa, pb);
+      if (__ballot_sync(0xffffffffu, pa >= 0) == 0) break;
+      const auto* x = static_cast<const uint16_t*>(a.x);
+      const uint16_t* xa = pa >= 0 ? x + (a.x_per_pair ? pa : pa / a.k) * a.K : nullptr;
+      const uint16_t* xb = pb >= 0 ? x + (a.x_per_pair ? pb : pb / a.k) * a.K : nullptr;
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (WIDE && __ballot_sync(0xffffffffu, pb >= 0)) mma_pass<Tile, D, WIDE>(acc, row, xa, xb, ch0, ch1, c);
+      else mma_pass<Tile, D, false>(acc, row, xa, xb, ch0, ch1, c);
+      // acc[0..1]: pair pa, rows 2c and 2c + 1 of the tile; acc[2..3]: pair pb.
+      if (pa >= 0) {
+        s_part[(int64_t{s} * P + pa) * kMmaRows + 2 * c] = acc[0];
+        s_part[(int64_t{s} * P + pa) * kMmaRows + 2 * c + 1] = acc[1];
+      }
+      if (pb >= 0) {
+        s_part[(int64_t{s} * P + pb) * kMmaRows + 2 * c] = acc[2];
+        s_part[(int64_t{s} * P + pb) * kMmaRows + 2 * c + 1] = acc[3];
+      }
+    }
+  }
+  __syncthreads();
+  // Splits in order, then (reduce) a token's pairs in order j = 0..k-1.
+  auto dot = [&](int p, int r) {
+    float d = 0.0f;
+    for (int s = 0; s < a.splits; ++s) d += s_part[(int64_t{s} * P + p) * kMmaRows + r];
+    return d;
+  };
+  // An expert's rank among the touched ones (which block group holds it).
+  auto rank_of = [&](int e) { return s_rank[e >> 5] + __popc(s_bits[e >> 5] & ((1u << (e & 31)) - 1u)); };
+  if (a.reduce) {
+    for (int i = tid; i < a.T * kMmaRows; i += blockDim.x) {
+      const int t = i / kMmaRows, r = i % kMmaRows;
+      if (n0 + r >= a.N) continue;
+      float acc = 0.0f;
+      for (int j = 0; j < a.k; ++j) {
+        const int p = static_cast<int>(t * a.k + j);
+        if (s_ids[p] < 0) continue;
+        acc += load_as_float(a.scores, p, a.score_dtype) * dot(p, r);
+      }
+      store_from_float(a.out, t * a.N + n0 + r, a.out_dtype, acc);
+    }
+  } else {
+    for (int i = tid; i < P * kMmaRows; i += blockDim.x) {
+      const int p = i / kMmaRows, r = i % kMmaRows;
+      if (n0 + r >= a.N) continue;
+      const int e = s_ids[p];
+      if (e < 0) {
+        if (blockIdx.y == 0) store_from_float(a.out, p * a.N + n0 + r, a.out_dtype, 0.0f);
+        continue;
+      }
+      const int u = rank_of(e);
+      if (u < u0 || u >= u0 + a.group) continue;
+      store_from_float(a.out, p * a.N + n0 + r, a.out_dtype, load_as_float(a.scores, p, a.score_dtype) * dot(p, r));
+    }
+  }
+}
+
+// Whether mma_gemv serves problem p on a device of compute capability cc_major (x, and dense w,
+// 16-byte aligned: aligned16).
+inline bool mma_gemv_fits(const MoeProblem& p, int cc_major, bool aligned16) {
+  if (cc_major < 8 || !aligned16 || p.K % kMmaChunk != 0 || p.layout != WeightLayout::ENK) return false;
+  if (p.pairs() > kMmaMaxPairs || p.E > kMmaMaxE || p.pairs() == 0) return false;
+  if (p.kind == MoeKind::WMMA_GGUF && kMmaChunk % block_elems(p.wtype) != 0) return false;
+  return p.kind == MoeKind::WMMA || p.kind == MoeKind::WMMA_GGUF;
+}
+
+// Launch mma_gemv_kernel<Tile, D> for problem p (mma_gemv_fits(p) holds).
+template <class Tile, DType D>
+std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
+  if (p.N == 0) return {};
+  const int P = static_cast<int>(p.pairs());
+  const int chunks = static_cast<int>(p.K / kMmaChunk);
+  const int U = static_cast<int>(p.E < p.pairs() ? p.E : p.pairs());  // experts that can be touched
+  // At least 4 chunks per item where K allows; the partials must fit in shared memory.
+  int splits = 1;
+  while (splits * 2 <= chunks / 4 && splits * 2 <= 8 &&
+         static_cast<int64_t>(splits) * 2 * P * kMmaRows * 4 <= kMmaPartialBytes)
+    splits *= 2;
+  const int group = p.reduce ? U : std::max(1, std::min(U, 8 / splits));
+  const int items = group * splits;
+  const int warps = std::min(kMmaMaxWarps, std::max(1, items));
+  MmaGemvArgs a{b.x, b.ids, b.w, b.scores, b.out, p.T, p.k, p.N, p.K, p.E,
+                p.kind == MoeKind::WMMA ? 2 * p.K : p.row_bytes(), p.score_dtype, p.out_dtype,
+                p.reduce, p.x_per_pair, splits, group};
+  const dim3 grid(static_cast<unsigned>((p.N + kMmaRows - 1) / kMmaRows),
+                  static_cast<unsigned>((U + group - 1) / group));
+  const size_t smem = static_cast<size_t>(splits) * P * kMmaRows * sizeof(float);
+  if (P > kMmaPass / 2) mma_gemv_kernel<Tile, D, true><<<grid, warps * 32, smem, stream>>>(a);
+  else mma_gemv_kernel<Tile, D, false><<<grid, warps * 32, smem, stream>>>(a);
+  return launch_error("mma_gemv_kernel");
+}
+
+}  // namespace jax_moe

@@ -1,0 +1,70 @@
+"""The tensor-core GEMV for few pairs per expert (csrc/cuda/mma_gemv.cuh; marker `gpu`): K a
+multiple of 256, every kind, format, dtype, x rank and reduce mode against the float64
+reference, with partial row tiles (N % 8 != 0), experts with more than 16 pairs (several passes),
+K split across warps, out-of-range ids, and the plan choosing the GEMV for each case."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_moe import GGMLType, MoeKind, _ext
+
+from cases import Case, check, make_case
+from reference import FORMATS, gguf_decode
+from test_gpu import gpu_run
+
+pytestmark = pytest.mark.gpu
+
+
+def _plan(kind: MoeKind, case, reduce: bool) -> str:
+    T, k = case.ids.shape
+    E, N, K = case.w.shape
+    wtype = int(case.w.qtype) if hasattr(case.w, "qtype") else int(GGMLType.BF16)
+    x_rows = T * k if case.x.ndim == 3 else T
+    return _ext.cuda.plan_description(int(kind), wtype, 0, T, k, E, N, K, x_rows, reduce)
+
+
+# T=1: one pair per expert; T=6 over E=3: ~4 per expert; T=20 over E=2: 20 per expert (two
+# passes of 16). K=512: one item per expert; K=2048: K split in two.
+SHAPES = [(1, 2, 4, 70, 512), (6, 2, 3, 77, 512), (20, 2, 2, 40, 512), (3, 4, 8, 24, 2048)]
+
+
+@pytest.mark.parametrize("T,k,E,N,K", SHAPES)
+@pytest.mark.parametrize("dtype,reduce,x_rank", list(itertools.product(["bfloat16", "float16"], [True, False], [2, 3])))
+def test_dense_mma_gemv(rng, T, k, E, N, K, dtype, reduce, x_rank):
+    case = make_case(rng, kind=MoeKind.WMMA, dtype=dtype, reduce=reduce, x_rank=x_rank, T=T, k=k, E=E, N=N, K=K)
+    assert _plan(MoeKind.WMMA, case, reduce) == "token_gemv"
+    check(gpu_run(case, reduce=reduce), case)
+
+
+@pytest.mark.parametrize("T,k,E,N,K", SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype,reduce,x_rank", [("bfloat16", True, 3), ("bfloat16", False, 2), ("float16", False, 3),
+                                                 ("float16", True, 2)])
+def test_gguf_mma_gemv(rng, T, k, E, N, K, fmt, dtype, reduce, x_rank):
+    case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=reduce, x_rank=x_rank,
+                     T=T, k=k, E=E, N=N, K=K)
+    assert _plan(MoeKind.WMMA_GGUF, case, reduce) == "token_gemv"
+    check(gpu_run(case, reduce=reduce), case)
+
+
+def test_gguf_mma_gemv_rounds_each_weight_once(rng):
+    """x a unit vector e_i picks column i of the decoded experts out: the output (f32, no scores)
+    is bit for bit the gguf-py decode rounded once to bf16, for every format and row."""
+    K = 256
+    for fmt in FORMATS:
+        case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype="bfloat16", reduce=False, T=1, k=1, E=1,
+                         N=16, K=K, invalid_ids=False, with_scores=False)
+        for i in rng.choice(K, 4, replace=False):
+            x = np.zeros((1, K), np.float32)
+            x[0, i] = 1.0
+            unit = Case(jnp.asarray(x, jnp.bfloat16), case.ids, case.w, None, case.ref, "float32")
+            assert _plan(MoeKind.WMMA_GGUF, unit, False) == "token_gemv"
+            out = np.asarray(gpu_run(unit, reduce=False)).reshape(-1)
+            dec = gguf_decode(np.asarray(case.w.data), fmt, K)[0, :, i]
+            want = np.asarray(jnp.asarray(dec, jnp.bfloat16).astype(jnp.float32))
+            np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32), err_msg=f"{fmt} column {i}")
