@@ -53,14 +53,14 @@ if [ "$MODE" = profile ]; then
 fi
 if [ "$MODE" = small ]; then
   t0=$(date +%s)
-  timeout 220 python3 -m pytest -q -m gpu test_gpu_small_t.py test_gpu.py -x -p no:cacheprovider \
+  timeout 190 python3 -m pytest -q -m gpu test_gpu_small_t.py test_gpu.py -x -p no:cacheprovider \
     -k "small_t or mma or wmma_gpu or gguf_gpu or agrees or reproducible or edge or graphs" > "$OUT/gpu_tests.log" 2>&1
   summary+=("gpu tests ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/gpu_tests.log")")
   grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/gpu_tests.log" | head -8
   cd ..
   for v in 0 1; do
     fm=""; [ $v = 1 ] && fm=Q4_K
-    JAX_MOE_GEMV_SPLIT=$v timeout 100 ncu --clock-control none --print-summary per-kernel --kernel-name regex:"mma_gemv|token_gemv" \
+    JAX_MOE_GEMV_SPLIT=$v timeout 80 ncu --clock-control none --print-summary per-kernel --kernel-name regex:"mma_gemv|token_gemv" \
       python3 tools/profile_small.py $fm > "$OUT/ncu_split$v.log" 2>&1
     summary+=("ncu split=$v: $(grep -cE "mma_gemv|token_gemv" "$OUT/ncu_split$v.log") kernel lines")
   done

@@ -126,21 +126,44 @@ __device__ __forceinline__ uint32_t bf16_rne_split(float v) {
   return __float_as_uint(__fsub_rn(g, __fsub_rn(g, v)));
 }
 
-// Q4_K with whole-block loads: the 16-byte header (d, dmin, scales) and the lane's 32 bytes of
-// quants, whose low nibbles are sub-block 2c and high nibbles sub-block 2c + 1 (ggml's layout).
-// a * q - m as one fma (a * q is exact in f32, so it equals the unfused form), rounded to D.
+// Eight decoded values as packed D: bf16 through Veltkamp's split where the values allow (SPLIT,
+// finite scales), else the paired conversion.
 template <DType D, bool SPLIT>
-struct Q4KTile {
-  using F = Format<GGMLType::Q4_K>;
-  static constexpr int DEPTH = 3;
-  struct Raw { uint4 h, q0, q1; };
+__device__ __forceinline__ uint4 round8(const float (&v)[8], bool finite) {
+  if constexpr (SPLIT && D == DType::BF16) {
+    if (finite) {
+      uint32_t u[8];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) u[t] = bf16_rne_split(v[t]);
+      return make_uint4(__byte_perm(u[0], u[1], 0x7632), __byte_perm(u[2], u[3], 0x7632),
+                        __byte_perm(u[4], u[5], 0x7632), __byte_perm(u[6], u[7], 0x7632));
+    }
+  }
+  return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
+}
+
+// Q4_K and Q5_K with whole-block loads: the 16-byte header (d, dmin, scales; the same in both)
+// and the lane's 32 bytes of low quant bits, whose low nibbles are sub-block 2c and high nibbles
+// sub-block 2c + 1 (ggml's layout); Q5_K adds all 32 bytes of high bits (bit 2c + hi of byte l).
+// a * q - m as one fma (a * q is exact in f32, so it equals the unfused form), rounded to D.
+template <GGMLType T, DType D, bool SPLIT>
+struct KQuantTile {
+  static constexpr bool Q5 = T == GGMLType::Q5_K;
+  static_assert(T == GGMLType::Q4_K || Q5, "Q4_K or Q5_K");
+  static constexpr int BLOCK = Q5 ? 176 : 144, QS = Q5 ? 48 : 16;
+  static constexpr int DEPTH = Q5 ? 2 : 3;
+  struct Raw { uint4 h, q0, q1, qh0, qh1; };
   struct Prep { float a0, m0, a1, m1; bool finite; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
   static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
-    const uint8_t* b = row + ch * 144;
+    const uint8_t* b = row + ch * BLOCK;
     r.h = __ldg(reinterpret_cast<const uint4*>(b));
-    r.q0 = __ldg(reinterpret_cast<const uint4*>(b + 16 + 32 * c));
-    r.q1 = __ldg(reinterpret_cast<const uint4*>(b + 32 + 32 * c));
+    r.q0 = __ldg(reinterpret_cast<const uint4*>(b + QS + 32 * c));
+    r.q1 = __ldg(reinterpret_cast<const uint4*>(b + QS + 16 + 32 * c));
+    if constexpr (Q5) {
+      r.qh0 = __ldg(reinterpret_cast<const uint4*>(b + 16));
+      r.qh1 = __ldg(reinterpret_cast<const uint4*>(b + 32));
+    }
   }
   // k4_scale_min for sub-blocks 2c and 2c + 1, on the header's registers.
   static __device__ __forceinline__ void prep(const Raw& r, int c, Prep& p) {
@@ -163,12 +186,18 @@ struct Q4KTile {
     p.finite = isfinite(p.a0) && isfinite(p.m0) && isfinite(p.a1) && isfinite(p.m1);
   }
   template <int G>
-  static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p) {
+  static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
     const uint4& q = (G & 2) ? r.q1 : r.q0;
     uint32_t lo = (G & 1) ? q.z : q.x, hi = (G & 1) ? q.w : q.y;
     if (G >= 4) { lo >>= 4; hi >>= 4; }
     lo &= 0x0F0F0F0Fu;
     hi &= 0x0F0F0F0Fu;
+    if constexpr (Q5) {
+      const uint4& h = (G & 2) ? r.qh1 : r.qh0;
+      const int s = 2 * c + (G >= 4);
+      lo |= ((((G & 1) ? h.z : h.x) >> s) & 0x01010101u) << 4;
+      hi |= ((((G & 1) ? h.w : h.y) >> s) & 0x01010101u) << 4;
+    }
     const float a = G < 4 ? p.a0 : p.a1, m = G < 4 ? p.m0 : p.m1;
     float v[8];
 #pragma unroll
@@ -176,16 +205,57 @@ struct Q4KTile {
       const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
       v[t] = __fmaf_rn(a, __fsub_rn(__uint_as_float(bits), 8388608.0f), -m);
     }
-    if constexpr (SPLIT && D == DType::BF16) {
-      if (p.finite) {
-        uint32_t u[8];
+    return round8<D, SPLIT>(v, p.finite);
+  }
+};
+
+// Q8_0 from 8-byte loads: a chunk is 8 blocks (272 bytes, 16-byte aligned rows); lane c's two
+// blocks 2c, 2c + 1 are the 68 bytes at 68c, 4-byte aligned, read as 9 aligned 8-byte words and
+// shifted by a word where 68c is not 8-aligned; block 2c's quants sit 2 bytes off a word boundary
+// (a funnel shift per word), block 2c + 1's on one.
+template <DType D, bool SPLIT>
+struct Q80Tile {
+  static constexpr int DEPTH = 2;
+  struct Raw { uint2 v[9]; };
+  struct Prep { float a0, a1; bool finite; uint32_t w[17]; };
+  static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
+  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
+    const uint2* p = reinterpret_cast<const uint2*>(row + ch * 272 + 68 * c - 4 * (c & 1));
 #pragma unroll
-        for (int t = 0; t < 8; ++t) u[t] = bf16_rne_split(v[t]);
-        return make_uint4(__byte_perm(u[0], u[1], 0x7632), __byte_perm(u[2], u[3], 0x7632),
-                          __byte_perm(u[4], u[5], 0x7632), __byte_perm(u[6], u[7], 0x7632));
-      }
+    for (int i = 0; i < 9; ++i) r.v[i] = __ldg(p + i);
+  }
+  static __device__ __forceinline__ void prep(const Raw& r, int c, Prep& p) {
+    const bool odd = c & 1;
+#pragma unroll
+    for (int i = 0; i < 17; ++i) {
+      const uint32_t lo = (i & 1) ? r.v[i / 2].y : r.v[i / 2].x;
+      const uint32_t hi = ((i + 1) & 1) ? r.v[(i + 1) / 2].y : r.v[(i + 1) / 2].x;
+      p.w[i] = odd ? hi : lo;
     }
-    return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
+    p.a0 = half_to_float(static_cast<uint16_t>(p.w[0] & 0xffff));
+    p.a1 = half_to_float(static_cast<uint16_t>(p.w[8] >> 16));
+    p.finite = isfinite(p.a0) && isfinite(p.a1);
+  }
+  template <int G>
+  static __device__ __forceinline__ uint4 group(const Raw&, Prep& p) {
+    uint32_t lo, hi;
+    if constexpr (G < 4) {
+      lo = __funnelshift_r(p.w[2 * G], p.w[2 * G + 1], 16);
+      hi = __funnelshift_r(p.w[2 * G + 1], p.w[2 * G + 2], 16);
+    } else {
+      lo = p.w[9 + 2 * (G - 4)];
+      hi = p.w[10 + 2 * (G - 4)];
+    }
+    lo ^= 0x80808080u;
+    hi ^= 0x80808080u;
+    const float a = G < 4 ? p.a0 : p.a1;
+    float v[8];
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
+      v[t] = __fmul_rn(a, __fsub_rn(__uint_as_float(bits), 8388736.0f));
+    }
+    return round8<D, SPLIT>(v, p.finite);
   }
 };
 

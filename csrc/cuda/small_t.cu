@@ -14,8 +14,8 @@
 namespace jax_moe {
 namespace {
 
-// Experiment switch (benchmarks/NOTES.md, v15): JAX_MOE_GEMV_SPLIT=1 rounds Q4_K's decoded
-// values to bf16 with Veltkamp's split on the FMA pipe instead of cvt.
+// Experiment switch (benchmarks/NOTES.md, v15): JAX_MOE_GEMV_SPLIT=1 rounds Q4_K's, Q5_K's
+// and Q8_0's decoded values to bf16 with Veltkamp's split on the FMA pipe instead of cvt.
 bool split_rounding() {
   static const bool on = [] {
     const char* v = std::getenv("JAX_MOE_GEMV_SPLIT");
@@ -30,9 +30,12 @@ std::string launch_mma(const MoeProblem& p, const MoeBuffers& b, cudaStream_t st
   std::string err;
   dispatch_format(p.wtype, [&](auto fmt) {
     using F = decltype(fmt);
-    if constexpr (F::type == GGMLType::Q4_K) {
-      err = split_rounding() ? launch_mma_gemv<Q4KTile<D, true>, D>(p, b, stream)
-                             : launch_mma_gemv<Q4KTile<D, false>, D>(p, b, stream);
+    if constexpr (F::type == GGMLType::Q4_K || F::type == GGMLType::Q5_K) {
+      err = split_rounding() ? launch_mma_gemv<KQuantTile<F::type, D, true>, D>(p, b, stream)
+                             : launch_mma_gemv<KQuantTile<F::type, D, false>, D>(p, b, stream);
+    } else if constexpr (F::type == GGMLType::Q8_0) {
+      err = split_rounding() ? launch_mma_gemv<Q80Tile<D, true>, D>(p, b, stream)
+                             : launch_mma_gemv<Q80Tile<D, false>, D>(p, b, stream);
     } else {
       err = launch_mma_gemv<GgufTile<F, D>, D>(p, b, stream);
     }
