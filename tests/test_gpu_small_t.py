@@ -1,6 +1,6 @@
 """The tensor-core GEMV for few pairs per expert (csrc/cuda/mma_gemv.cuh; marker `gpu`): K a
 multiple of 256, every kind, format, dtype, x rank and reduce mode against the float64
-reference, with partial row tiles (N % 8 != 0), experts with more than 16 pairs (several passes),
+reference, with partial row tiles (N % 16 != 0), experts with more than 8 pairs (several passes),
 K split across warps, out-of-range ids, and the plan choosing the GEMV for each case."""
 
 from __future__ import annotations
@@ -28,26 +28,28 @@ def _plan(kind: MoeKind, case, reduce: bool) -> str:
     return _ext.cuda.plan_description(int(kind), wtype, 0, T, k, E, N, K, x_rows, reduce)
 
 
-# T=1: one pair per expert; T=6 over E=3: ~4 per expert; T=20 over E=2: 20 per expert (two
-# passes of 16). K=512: one item per expert; K=2048: K split in two.
-SHAPES = [(1, 2, 4, 70, 512), (6, 2, 3, 77, 512), (20, 2, 2, 40, 512), (3, 4, 8, 24, 2048)]
+# (T, k, E, N, K, invalid ids): T=1, one pair per expert; T=6 over E=3, ~4 per expert (past
+# T <= 4, under the crossover of 8 per expert); T=4, k=6, E=1: 24 pairs of one expert (three
+# passes of 8); K=2048: K split across warps.
+SHAPES = [(1, 2, 4, 70, 512, True), (6, 2, 3, 77, 512, True), (4, 6, 1, 40, 512, False), (3, 4, 8, 24, 2048, True)]
 
 
-@pytest.mark.parametrize("T,k,E,N,K", SHAPES)
+@pytest.mark.parametrize("T,k,E,N,K,invalid", SHAPES)
 @pytest.mark.parametrize("dtype,reduce,x_rank", list(itertools.product(["bfloat16", "float16"], [True, False], [2, 3])))
-def test_dense_mma_gemv(rng, T, k, E, N, K, dtype, reduce, x_rank):
-    case = make_case(rng, kind=MoeKind.WMMA, dtype=dtype, reduce=reduce, x_rank=x_rank, T=T, k=k, E=E, N=N, K=K)
+def test_dense_mma_gemv(rng, T, k, E, N, K, invalid, dtype, reduce, x_rank):
+    case = make_case(rng, kind=MoeKind.WMMA, dtype=dtype, reduce=reduce, x_rank=x_rank, T=T, k=k, E=E, N=N, K=K,
+                     invalid_ids=invalid)
     assert _plan(MoeKind.WMMA, case, reduce) == "token_gemv"
     check(gpu_run(case, reduce=reduce), case)
 
 
-@pytest.mark.parametrize("T,k,E,N,K", SHAPES)
+@pytest.mark.parametrize("T,k,E,N,K,invalid", SHAPES)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype,reduce,x_rank", [("bfloat16", True, 3), ("bfloat16", False, 2), ("float16", False, 3),
                                                  ("float16", True, 2)])
-def test_gguf_mma_gemv(rng, T, k, E, N, K, fmt, dtype, reduce, x_rank):
+def test_gguf_mma_gemv(rng, T, k, E, N, K, invalid, fmt, dtype, reduce, x_rank):
     case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=reduce, x_rank=x_rank,
-                     T=T, k=k, E=E, N=N, K=K)
+                     T=T, k=k, E=E, N=N, K=K, invalid_ids=invalid)
     assert _plan(MoeKind.WMMA_GGUF, case, reduce) == "token_gemv"
     check(gpu_run(case, reduce=reduce), case)
 

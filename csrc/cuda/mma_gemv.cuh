@@ -1,16 +1,17 @@
 // Few pairs per expert on the tensor cores (WMMA and WMMA_GGUF at decode-time T): each warp owns
-// a tile of 8 weight rows of one expert and runs mma.sync m16n8k16 with the weights as the n8
-// operand and up to 16 of that expert's pairs as the m16 operand, so every weight is read from
-// memory and decoded once per call however many of the expert's pairs there are (up to 16 per
+// a tile of 16 weight rows of one expert and runs mma.sync m16n8k16 with the weights as the m16
+// operand and up to 8 of that expert's pairs as the n8 operand, so every weight is read from
+// memory and decoded once per call however many of the expert's pairs there are (up to 8 per
 // pass), and the products and the f32 accumulation are the tensor cores' (as in the GEMM).
 //
-// Layout of one chunk of 256 K elements of a warp's 8 rows: lane = 4 * r + c holds row r and
-// 64 of the chunk's elements in 8 groups of 8 consecutive ones; group g starts at Tile::kpos(c, g).
-// The mma's 16 k slots of lane c are (2c, 2c+1, 2c+8, 2c+9): group g feeds two mmas, its elements
-// 0-3 the first and 4-7 the second, and x is loaded with the same map (a permutation of k in
-// both operands leaves the dot product as it is).
+// Lane = 4 g + c holds rows g and g + 8 of the tile and, per chunk, Tile::GROUPS groups of 8
+// consecutive K elements of each; group G starts at Tile::kpos(c, G). The mma's 16 k slots of
+// lane c are (2c, 2c+1, 2c+8, 2c+9): group G feeds two mmas, its elements 0-3 the first and 4-7
+// the second, and x (pair slot g of the pass) is loaded with the same map (a permutation of k in
+// both operands leaves the dot product as it is). The decoded pairs land directly in the A
+// registers and a 16-byte x load in the B registers: no moves.
 //
-// Block: 8 rows of N x a group of touched experts (non-reduce) or all of them (reduce); its warps
+// Block: 16 rows of N x a group of touched experts (non-reduce) or all of them (reduce); its warps
 // take (expert, K split) items. Each warp finds its expert's pairs by scanning the ids in pair
 // order, so everything is deterministic; partial dots go to shared memory per (split, pair, row)
 // and the block sums splits in order and, with reduce, a token's k pairs in order j = 0..k-1.
@@ -30,12 +31,12 @@
 
 namespace jax_moe {
 
-constexpr int kMmaRows = 8;          // weight rows per warp tile (the mma's n)
-constexpr int kMmaPass = 16;         // pairs per mma pass (the mma's m)
-constexpr int kMmaChunk = 256;       // K elements per chunk (8 per lane group, 8 groups, 4 lanes)
+constexpr int kMmaRows = 16;         // weight rows per warp tile (the mma's m)
+constexpr int kMmaPass = 8;          // pairs per mma pass (the mma's n)
+constexpr int kMmaChunk = 256;       // K granule: K % 256 == 0 (the K-quants' block)
 constexpr int kMmaMaxPairs = 512;    // pairs per call the kernel takes
 constexpr int kMmaMaxE = 4096;       // experts the shared bitmap covers
-constexpr int kMmaMaxWarps = 16;
+constexpr int kMmaMaxWarps = 8;
 constexpr int kMmaPartialBytes = 32 * 1024;  // shared memory for the partial dots
 
 struct MmaGemvArgs {
@@ -70,22 +71,22 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 #endif
 }
 
-// --- weight tiles: how lane c of a row gets its 8 groups of a chunk as packed D values ---------
-// struct Raw: the lane's raw bytes of one chunk (registers, loaded ahead); load(raw, row, ch, c);
-// prep(raw, c, prep) once per chunk; group<G>(raw, prep) -> uint4 (8 packed values, element 0 in
-// the low half of .x).
+// --- weight tiles: how lane c of a row gets its GROUPS groups of a chunk (32 GROUPS elements) as
+// packed D values. struct Raw: the lane's raw bytes of one chunk of one row (registers, loaded
+// ahead DEPTH chunks); load(raw, row, ch, c); prep(raw, c, prep) once per chunk;
+// group<G>(raw, prep[, c]) -> uint4 (8 packed values, element 0 in the low half of .x).
 
 // Dense experts as stored: 16 bytes per group, the 4 lanes of a row read 64 contiguous bytes.
 template <DType D>
 struct DenseTile {
-  static constexpr int DEPTH = 2;  // chunks loaded ahead
-  struct Raw { uint4 v[8]; };
+  static constexpr int GROUPS = 4, DEPTH = 2;  // 128 elements per chunk; chunks loaded ahead
+  struct Raw { uint4 v[GROUPS]; };
   struct Prep {};
   static __device__ __forceinline__ int kpos(int c, int g) { return 8 * (c + 4 * g); }
   static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
-    const uint4* p = reinterpret_cast<const uint4*>(row) + ch * (kMmaChunk / 8) + c;
+    const uint4* p = reinterpret_cast<const uint4*>(row) + ch * (4 * GROUPS) + c;
 #pragma unroll
-    for (int g = 0; g < 8; ++g) r.v[g] = __ldg(p + 4 * g);
+    for (int g = 0; g < GROUPS; ++g) r.v[g] = __ldg(p + 4 * g);
   }
   static __device__ __forceinline__ void prep(const Raw&, int, Prep&) {}
   template <int G>
@@ -98,7 +99,7 @@ struct DenseTile {
 template <class F, DType D>
 struct GgufTile {
   static_assert(kMmaChunk % F::QK == 0 && F::SUB % 8 == 0 && 64 % F::SUB == 0, "chunk holds whole sub-blocks");
-  static constexpr int DEPTH = 1;
+  static constexpr int GROUPS = 8, DEPTH = 1;
   struct Raw { const uint8_t* chunk; };
   struct Prep { float a, m; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -117,28 +118,9 @@ struct GgufTile {
   }
 };
 
-// f32 -> bf16, round to nearest even, as the f32 value with the low 16 bits zero (Veltkamp's
-// split with 2^16 + 1). Exact RNE for every finite |v| < 2^100 that is not an f32 subnormal
-// (checked over all such f32 values); the K-quants' decoded values are multiples of 2^-24, never
-// subnormal. The difference is taken as g - (g - v) so that -0 stays -0.
-__device__ __forceinline__ uint32_t bf16_rne_split(float v) {
-  const float g = __fmul_rn(v, 65537.0f);
-  return __float_as_uint(__fsub_rn(g, __fsub_rn(g, v)));
-}
-
-// Eight decoded values as packed D: bf16 through Veltkamp's split where the values allow (SPLIT,
-// finite scales), else the paired conversion.
-template <DType D, bool SPLIT>
-__device__ __forceinline__ uint4 round8(const float (&v)[8], bool finite) {
-  if constexpr (SPLIT && D == DType::BF16) {
-    if (finite) {
-      uint32_t u[8];
-#pragma unroll
-      for (int t = 0; t < 8; ++t) u[t] = bf16_rne_split(v[t]);
-      return make_uint4(__byte_perm(u[0], u[1], 0x7632), __byte_perm(u[2], u[3], 0x7632),
-                        __byte_perm(u[4], u[5], 0x7632), __byte_perm(u[6], u[7], 0x7632));
-    }
-  }
+// Eight decoded values rounded once to D, packed in pairs (element 0 in the low half of .x).
+template <DType D>
+__device__ __forceinline__ uint4 round8(const float (&v)[8]) {
   return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
 }
 
@@ -146,14 +128,14 @@ __device__ __forceinline__ uint4 round8(const float (&v)[8], bool finite) {
 // and the lane's 32 bytes of low quant bits, whose low nibbles are sub-block 2c and high nibbles
 // sub-block 2c + 1 (ggml's layout); Q5_K adds all 32 bytes of high bits (bit 2c + hi of byte l).
 // a * q - m as one fma (a * q is exact in f32, so it equals the unfused form), rounded to D.
-template <GGMLType T, DType D, bool SPLIT>
+template <GGMLType T, DType D>
 struct KQuantTile {
   static constexpr bool Q5 = T == GGMLType::Q5_K;
   static_assert(T == GGMLType::Q4_K || Q5, "Q4_K or Q5_K");
   static constexpr int BLOCK = Q5 ? 176 : 144, QS = Q5 ? 48 : 16;
-  static constexpr int DEPTH = Q5 ? 2 : 3;
+  static constexpr int GROUPS = 8, DEPTH = 2;
   struct Raw { uint4 h, q0, q1, qh0, qh1; };
-  struct Prep { float a0, m0, a1, m1; bool finite; };
+  struct Prep { float a0, m0, a1, m1; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
   static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
     const uint8_t* b = row + ch * BLOCK;
@@ -183,7 +165,6 @@ struct KQuantTile {
     p.m0 = mul_rn(dmin, static_cast<float>(mn[0]));
     p.a1 = mul_rn(d, static_cast<float>(sc[1]));
     p.m1 = mul_rn(dmin, static_cast<float>(mn[1]));
-    p.finite = isfinite(p.a0) && isfinite(p.m0) && isfinite(p.a1) && isfinite(p.m1);
   }
   template <int G>
   static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
@@ -205,7 +186,7 @@ struct KQuantTile {
       const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
       v[t] = __fmaf_rn(a, __fsub_rn(__uint_as_float(bits), 8388608.0f), -m);
     }
-    return round8<D, SPLIT>(v, p.finite);
+    return round8<D>(v);
   }
 };
 
@@ -213,11 +194,11 @@ struct KQuantTile {
 // blocks 2c, 2c + 1 are the 68 bytes at 68c, 4-byte aligned, read as 9 aligned 8-byte words and
 // shifted by a word where 68c is not 8-aligned; block 2c's quants sit 2 bytes off a word boundary
 // (a funnel shift per word), block 2c + 1's on one.
-template <DType D, bool SPLIT>
+template <DType D>
 struct Q80Tile {
-  static constexpr int DEPTH = 2;
+  static constexpr int GROUPS = 8, DEPTH = 2;
   struct Raw { uint2 v[9]; };
-  struct Prep { float a0, a1; bool finite; uint32_t w[17]; };
+  struct Prep { float a0, a1; uint32_t w[17]; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
   static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
     const uint2* p = reinterpret_cast<const uint2*>(row + ch * 272 + 68 * c - 4 * (c & 1));
@@ -234,7 +215,6 @@ struct Q80Tile {
     }
     p.a0 = half_to_float(static_cast<uint16_t>(p.w[0] & 0xffff));
     p.a1 = half_to_float(static_cast<uint16_t>(p.w[8] >> 16));
-    p.finite = isfinite(p.a0) && isfinite(p.a1);
   }
   template <int G>
   static __device__ __forceinline__ uint4 group(const Raw&, Prep& p) {
@@ -255,7 +235,7 @@ struct Q80Tile {
       const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
       v[t] = __fmul_rn(a, __fsub_rn(__uint_as_float(bits), 8388736.0f));
     }
-    return round8<D, SPLIT>(v, p.finite);
+    return round8<D>(v);
   }
 };
 
@@ -271,44 +251,43 @@ __device__ __forceinline__ auto tile_group(const typename Tile::Raw& r, typename
   return Tile::template group<G>(r, p);
 }
 
-// The next up to 16 pairs of expert e at pair index >= from, in pair order: lane (m, c) gets the
-// m-th in pa and the (m + 8)-th in pb (-1 where there is none). Returns the index to continue from.
-__device__ __forceinline__ int next_pass(const int32_t* s_ids, int P, int e, int from, int lane, int& pa, int& pb) {
-  const int ta = lane >> 2, tb = ta + 8;
-  pa = pb = -1;
+// The next up to 8 pairs of expert e at pair index >= from, in pair order: lane (g, c) gets the
+// g-th in pa (-1 where there is none). Returns the index to continue from.
+__device__ __forceinline__ int next_pass(const int32_t* s_ids, int P, int e, int from, int lane, int& pa) {
+  const int ta = lane >> 2;
+  pa = -1;
   int got = 0;
   for (int q0 = from; q0 < P; q0 += 32) {
     const int q = q0 + lane;
     const unsigned bal = __ballot_sync(0xffffffffu, q < P && s_ids[q] == e);
     const int cnt = __popc(bal);
     if (ta >= got && ta < got + cnt) pa = q0 + static_cast<int>(__fns(bal, 0, ta - got + 1));
-    if (tb >= got && tb < got + cnt) pb = q0 + static_cast<int>(__fns(bal, 0, tb - got + 1));
     if (got + cnt >= kMmaPass) return q0 + static_cast<int>(__fns(bal, 0, kMmaPass - got)) + 1;
     got += cnt;
   }
   return P;
 }
 
-template <DType D>
 __device__ __forceinline__ uint4 load_x8(const uint16_t* xrow, int64_t off) {
   return xrow ? __ldg(reinterpret_cast<const uint4*>(xrow + off)) : make_uint4(0, 0, 0, 0);
 }
 
-// One chunk of the warp's tile: decode the 8 groups and run the 16 mmas. TWO: the pass has more
-// than 8 pairs (the mma's rows 8-15 carry pairs too; else they are zero and x is not loaded).
-template <class Tile, DType D, bool TWO>
-__device__ __forceinline__ void mma_chunk(float (&acc)[4], const typename Tile::Raw& r, const uint16_t* xa,
-                                          const uint16_t* xb, int64_t ch, int c) {
-  typename Tile::Prep p;
-  Tile::prep(r, c, p);
-  const int64_t base = ch * kMmaChunk;
-#define JAX_MOE_MMA_GROUP(G)                                                                        \
-  {                                                                                                 \
-    const uint4 X = load_x8<D>(xa, base + Tile::kpos(c, G));                                        \
-    const uint4 Y = TWO ? load_x8<D>(xb, base + Tile::kpos(c, G)) : make_uint4(0, 0, 0, 0);         \
-    const uint4 w = tile_group<Tile, G>(r, p, c);                                                   \
-    mma16816<D>(acc, X.x, Y.x, X.y, Y.y, w.x, w.y);                                                 \
-    mma16816<D>(acc, X.z, Y.z, X.w, Y.w, w.z, w.w);                                                 \
+// One chunk of the warp's tile (rows g and g + 8 from ra and rb): decode the groups and run two
+// mmas per group.
+template <class Tile, DType D>
+__device__ __forceinline__ void mma_chunk(float (&acc)[4], const typename Tile::Raw& ra, const typename Tile::Raw& rb,
+                                          const uint16_t* x, int64_t ch, int c) {
+  typename Tile::Prep pa, pb;
+  Tile::prep(ra, c, pa);
+  Tile::prep(rb, c, pb);
+  const int64_t base = ch * (32 * Tile::GROUPS);
+#define JAX_MOE_MMA_GROUP(G)                                                  \
+  if constexpr (G < Tile::GROUPS) {                                           \
+    const uint4 X = load_x8(x, base + Tile::kpos(c, G));                      \
+    const uint4 wa = tile_group<Tile, G>(ra, pa, c);                          \
+    const uint4 wb = tile_group<Tile, G>(rb, pb, c);                          \
+    mma16816<D>(acc, wa.x, wb.x, wa.y, wb.y, X.x, X.y);                       \
+    mma16816<D>(acc, wa.z, wb.z, wa.w, wb.w, X.z, X.w);                       \
   }
   JAX_MOE_MMA_GROUP(0) JAX_MOE_MMA_GROUP(1) JAX_MOE_MMA_GROUP(2) JAX_MOE_MMA_GROUP(3)
   JAX_MOE_MMA_GROUP(4) JAX_MOE_MMA_GROUP(5) JAX_MOE_MMA_GROUP(6) JAX_MOE_MMA_GROUP(7)
@@ -316,36 +295,42 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4], const typename Tile::
 }
 
 // All chunks [ch0, ch1) of one pass, DEPTH chunks of weights loaded ahead.
-template <class Tile, DType D, bool TWO>
-__device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* row, const uint16_t* xa, const uint16_t* xb,
+template <class Tile, DType D>
+__device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* rowa, const uint8_t* rowb, const uint16_t* x,
                                          int ch0, int ch1, int c) {
   constexpr int DEPTH = Tile::DEPTH;
-  typename Tile::Raw buf[DEPTH];
+  typename Tile::Raw ba[DEPTH], bb[DEPTH];
 #pragma unroll
   for (int i = 0; i < DEPTH; ++i) {
-    buf[i] = typename Tile::Raw{};
-    if (row && ch0 + i < ch1) Tile::load(buf[i], row, ch0 + i, c);
+    ba[i] = typename Tile::Raw{};
+    bb[i] = typename Tile::Raw{};
+    if (ch0 + i < ch1) {
+      if (rowa) Tile::load(ba[i], rowa, ch0 + i, c);
+      if (rowb) Tile::load(bb[i], rowb, ch0 + i, c);
+    }
   }
   for (int ch = ch0; ch < ch1; ch += DEPTH) {
 #pragma unroll
     for (int i = 0; i < DEPTH; ++i) {
       if (ch + i < ch1) {
-        mma_chunk<Tile, D, TWO>(acc, buf[i], xa, xb, ch + i, c);
-        if (row && ch + i + DEPTH < ch1) Tile::load(buf[i], row, ch + i + DEPTH, c);
+        mma_chunk<Tile, D>(acc, ba[i], bb[i], x, ch + i, c);
+        if (ch + i + DEPTH < ch1) {
+          if (rowa) Tile::load(ba[i], rowa, ch + i + DEPTH, c);
+          if (rowb) Tile::load(bb[i], rowb, ch + i + DEPTH, c);
+        }
       }
     }
   }
 }
 
-// grid.x: tiles of 8 rows; grid.y: groups of a.group touched experts (ranked by expert id).
-// WIDE: passes may carry more than 8 pairs (the host sets it when the call has more than 8).
-template <class Tile, DType D, bool WIDE>
-__global__ void __launch_bounds__(kMmaMaxWarps * 32) mma_gemv_kernel(MmaGemvArgs a) {
+// grid.x: tiles of 16 rows; grid.y: groups of a.group touched experts (ranked by expert id).
+template <class Tile, DType D>
+__global__ void __launch_bounds__(kMmaMaxWarps * 32, 2) mma_gemv_kernel(MmaGemvArgs a) {
   __shared__ int32_t s_ids[kMmaMaxPairs];
   __shared__ uint32_t s_bits[kMmaMaxE / 32];
   __shared__ int32_t s_rank[kMmaMaxE / 32];  // touched experts in the words before
   __shared__ int32_t s_touched;
-  extern __shared__ float s_part[];  // [splits][P][8]
+  extern __shared__ float s_part[];  // [splits][P][16]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int P = static_cast<int>(a.T * a.k), words = static_cast<int>((a.E + 31) / 32);
   for (int i = tid; i < words; i += blockDim.x) s_bits[i] = 0;
@@ -376,9 +361,9 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32) mma_gemv_kernel(MmaGemvArgs
   const int u0 = static_cast<int>(blockIdx.y) * a.group;
   const int nu = min(a.group, touched - u0);  // this block's experts
   const int64_t n0 = int64_t{blockIdx.x} * kMmaRows;
-  const int chunks = static_cast<int>(a.K / kMmaChunk);
-  const int c = lane & 3;
-  const int64_t n = n0 + (lane >> 2);
+  const int chunks = static_cast<int>(a.K / (32 * Tile::GROUPS));
+  const int c = lane & 3, g = lane >> 2;
+  const int64_t na = n0 + g, nb = n0 + g + 8;
   for (int item = warp; item < nu * a.splits; item += nwarps) {
     const int u = u0 + item / a.splits, s = item % a.splits;
     // The u-th touched expert: the word whose rank range holds u, then the bit.
@@ -388,32 +373,33 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32) mma_gemv_kernel(MmaGemvArgs
       const bool here = wi < words && s_rank[wi] <= u && u < s_rank[wi] + __popc(s_bits[wi]);
       const unsigned bal = __ballot_sync(0xffffffffu, here);
       if (bal) {
-        const int src = __ffs(bal) - 1;
-        const int wsel = w0 + src;
+        const int wsel = w0 + __ffs(bal) - 1;
         e = wsel * 32 + static_cast<int>(__fns(s_bits[wsel], 0, u - s_rank[wsel] + 1));
         break;
       }
     }
     const int ch0 = chunks * s / a.splits, ch1 = chunks * (s + 1) / a.splits;
-    const uint8_t* row = n < a.N ? static_cast<const uint8_t*>(a.w) + (e * a.N + n) * a.row_bytes : nullptr;
+    const auto* wb = static_cast<const uint8_t*>(a.w);
+    const uint8_t* rowa = na < a.N ? wb + (e * a.N + na) * a.row_bytes : nullptr;
+    const uint8_t* rowb = nb < a.N ? wb + (e * a.N + nb) * a.row_bytes : nullptr;
     for (int from = 0; from < P;) {
-      int pa, pb;
-      from = next_pass(s_ids, P, e, from, lane, pa, pb);
+      int pa;
+      from = next_pass(s_ids, P, e, from, lane, pa);
       if (__ballot_sync(0xffffffffu, pa >= 0) == 0) break;
       const auto* x = static_cast<const uint16_t*>(a.x);
       const uint16_t* xa = pa >= 0 ? x + (a.x_per_pair ? pa : pa / a.k) * a.K : nullptr;
-      const uint16_t* xb = pb >= 0 ? x + (a.x_per_pair ? pb : pb / a.k) * a.K : nullptr;
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (WIDE && __ballot_sync(0xffffffffu, pb >= 0)) mma_pass<Tile, D, WIDE>(acc, row, xa, xb, ch0, ch1, c);
-      else mma_pass<Tile, D, false>(acc, row, xa, xb, ch0, ch1, c);
-      // acc[0..1]: pair pa, rows 2c and 2c + 1 of the tile; acc[2..3]: pair pb.
-      if (pa >= 0) {
-        s_part[(int64_t{s} * P + pa) * kMmaRows + 2 * c] = acc[0];
-        s_part[(int64_t{s} * P + pa) * kMmaRows + 2 * c + 1] = acc[1];
+      mma_pass<Tile, D>(acc, rowa, rowb, xa, ch0, ch1, c);
+      // acc[0..1]: rows g, acc[2..3]: rows g + 8, of pair slots 2c and 2c + 1.
+      const int p0 = __shfl_sync(0xffffffffu, pa, 8 * c), p1 = __shfl_sync(0xffffffffu, pa, 8 * c + 4);
+      float* part = s_part + int64_t{s} * P * kMmaRows;
+      if (p0 >= 0) {
+        part[p0 * kMmaRows + g] = acc[0];
+        part[p0 * kMmaRows + g + 8] = acc[2];
       }
-      if (pb >= 0) {
-        s_part[(int64_t{s} * P + pb) * kMmaRows + 2 * c] = acc[2];
-        s_part[(int64_t{s} * P + pb) * kMmaRows + 2 * c + 1] = acc[3];
+      if (p1 >= 0) {
+        part[p1 * kMmaRows + g] = acc[1];
+        part[p1 * kMmaRows + g + 8] = acc[3];
       }
     }
   }
@@ -463,12 +449,18 @@ inline bool mma_gemv_fits(const MoeProblem& p, int cc_major, bool aligned16) {
   return p.kind == MoeKind::WMMA || p.kind == MoeKind::WMMA_GGUF;
 }
 
+// Host entry points (mma_gemv_fits(p) holds): dense experts (mma_dense.cu); GGUF experts
+// (mma_gguf.cu), of which Q4_K, Q5_K and Q8_0 from whole-block loads (mma_gguf_wide.cu).
+std::string launch_mma_dense(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
+std::string launch_mma_gguf(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
+std::string launch_mma_gguf_wide(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
+
 // Launch mma_gemv_kernel<Tile, D> for problem p (mma_gemv_fits(p) holds).
 template <class Tile, DType D>
 std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
   if (p.N == 0) return {};
   const int P = static_cast<int>(p.pairs());
-  const int chunks = static_cast<int>(p.K / kMmaChunk);
+  const int chunks = static_cast<int>(p.K / (32 * Tile::GROUPS));
   const int U = static_cast<int>(p.E < p.pairs() ? p.E : p.pairs());  // experts that can be touched
   // At least 4 chunks per item where K allows; the partials must fit in shared memory.
   int splits = 1;
@@ -484,8 +476,7 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   const dim3 grid(static_cast<unsigned>((p.N + kMmaRows - 1) / kMmaRows),
                   static_cast<unsigned>((U + group - 1) / group));
   const size_t smem = static_cast<size_t>(splits) * P * kMmaRows * sizeof(float);
-  if (P > kMmaPass / 2) mma_gemv_kernel<Tile, D, true><<<grid, warps * 32, smem, stream>>>(a);
-  else mma_gemv_kernel<Tile, D, false><<<grid, warps * 32, smem, stream>>>(a);
+  mma_gemv_kernel<Tile, D><<<grid, warps * 32, smem, stream>>>(a);
   return launch_error("mma_gemv_kernel");
 }
 
