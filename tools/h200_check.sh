@@ -53,23 +53,20 @@ if [ "$MODE" = profile ]; then
 fi
 if [ "$MODE" = small ]; then
   t0=$(date +%s)
-  timeout 190 python3 -m pytest -q -m gpu test_gpu_small_t.py test_gpu.py -x -p no:cacheprovider \
-    -k "small_t or mma or wmma_gpu or gguf_gpu or agrees or reproducible or edge or graphs" > "$OUT/gpu_tests.log" 2>&1
+  timeout ${TESTS_S:-80} python3 -m pytest -q -m gpu test_gpu_small_t.py test_gpu.py -p no:cacheprovider \
+    -k "small_t or mma or wmma_gguf_gpu or agrees or reproducible or edge or graphs" > "$OUT/gpu_tests.log" 2>&1
   summary+=("gpu tests ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/gpu_tests.log")")
-  grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/gpu_tests.log" | head -8
+  python3 -m pytest -q test_plan.py -p no:cacheprovider > "$OUT/plan_tests.log" 2>&1
+  summary+=("plan tests: $(tail -1 "$OUT/plan_tests.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" "$OUT/plan_tests.log" | head -12
   cd ..
-  for v in 0 1; do
-    fm=""; [ $v = 1 ] && fm=Q4_K
-    JAX_MOE_GEMV_SPLIT=$v timeout 80 ncu --clock-control none --print-summary per-kernel --kernel-name regex:"mma_gemv|token_gemv" \
-      python3 tools/profile_small.py $fm > "$OUT/ncu_split$v.log" 2>&1
-    summary+=("ncu split=$v: $(grep -cE "mma_gemv|token_gemv" "$OUT/ncu_split$v.log") kernel lines")
-  done
-  grep -E "mma_gemv_kernel|token_gemv_kernel|Duration|done" "$OUT/ncu_split0.log" | grep -vE "^\s+(Min|Max)" | head -60 > "$OUT/ncu_short.txt"
+  timeout ${NCU_S:-60} ncu --clock-control none --print-summary per-kernel --kernel-name regex:"mma_gemv|token_gemv" \
+    python3 tools/profile_small.py ${FMTS:-bf16,Q4_K,Q6_K} > "$OUT/ncu.log" 2>&1
   t1=$(date +%s)
   [ -n "${2:-}" ] && timeout ${BENCH_S:-170} python3 benchmarks/bench_moe.py ${2} --out "$OUT/bench.json" 2>&1 | grep -v "^WARNING" > "$OUT/bench.log"
   summary+=("bench ($(( $(date +%s) - t1 )) s)")
-  echo "===== ncu (split 0)"; grep -E "mma_gemv|token_gemv|Duration|done" "$OUT/ncu_split0.log" | grep -E "done|Duration|kernel" | sed -E 's/^ +//' | cut -c1-110 | head -40
-  echo "===== ncu (split 1)"; grep -E "Duration|done" "$OUT/ncu_split1.log" | sed -E 's/^ +//' | cut -c1-110 | head -30
+  echo "===== ncu"; grep -E "mma_gemv_kernel<|token_gemv_kernel<|Duration|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occ" "$OUT/ncu.log" \
+    | sed -E 's/^ +//; s/ +/ /g; s/\(MmaGemvArgs\)//' | cut -c1-100 | head -70
   echo "===== bench"; cat "$OUT/bench.log" 2>/dev/null | tail -40
   echo "===== summary"; printf '%s\n' "${summary[@]}"
   exit 0

@@ -239,6 +239,71 @@ struct Q80Tile {
   }
 };
 
+// NW little-endian words of the bytes at the 2-byte-aligned p, from aligned 8-byte loads (an
+// 8-byte word more than the NW / 2 that cover them, then a word select and a funnel shift by the
+// misalignment). Reads at most 8 bytes past p + 4 NW: callers keep that inside the block.
+template <int NW>
+struct Words2 {
+  static_assert(NW % 2 == 0, "whole 8-byte words");
+  uint2 v[NW / 2 + 1];
+  __device__ __forceinline__ void load(const uint8_t* p, int& shift) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    const uint2* q = reinterpret_cast<const uint2*>(a & ~uintptr_t{7});
+#pragma unroll
+    for (int i = 0; i < NW / 2 + 1; ++i) v[i] = __ldg(q + i);
+    shift = static_cast<int>(a & 7);
+  }
+  __device__ __forceinline__ uint32_t raw(int k) const { return (k & 1) ? v[k >> 1].y : v[k >> 1].x; }
+  __device__ __forceinline__ uint32_t word(int i, int shift) const {  // i: a compile-time index
+    const bool up = shift >= 4;
+    return __funnelshift_r(up ? raw(i + 1) : raw(i), up ? raw(i + 2) : raw(i + 1), 8 * (shift & 3));
+  }
+};
+
+// Q6_K (210-byte blocks, 2-byte aligned): lane c takes elements 64c .. 64c+63, which are half
+// n = c / 2 of the block, quarters 2 (c & 1) and 2 (c & 1) + 1: the 64 bytes of low nibbles
+// ql[64n ..] (nibble c & 1), the 32 bytes of high bits qh[32n ..] (bits 4 (c & 1) + 2 (G >= 4)),
+// the four 8-bit scales scales[4c ..] and d, each read once per chunk.
+template <DType D>
+struct Q6KTile {
+  static constexpr int GROUPS = 8, DEPTH = 1;
+  struct Raw { Words2<16> ql; Words2<8> qh; uint16_t s0, s1, d; int sl, sh; };
+  struct Prep { float a[4]; };
+  static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
+  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
+    const uint8_t* b = row + ch * 210;
+    const int n = c >> 1;
+    r.ql.load(b + 64 * n, r.sl);
+    r.qh.load(b + 128 + 32 * n, r.sh);
+    const auto* h = reinterpret_cast<const uint16_t*>(b);
+    r.s0 = __ldg(h + 96 + 2 * c);
+    r.s1 = __ldg(h + 97 + 2 * c);
+    r.d = __ldg(h + 104);
+  }
+  static __device__ __forceinline__ void prep(const Raw& r, int, Prep& p) {
+    const float d = half_to_float(r.d);
+    const uint32_t sc = static_cast<uint32_t>(r.s0) | (static_cast<uint32_t>(r.s1) << 16);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p.a[i] = mul_rn(d, static_cast<float>(static_cast<int8_t>((sc >> (8 * i)) & 0xff)));
+  }
+  template <int G>
+  static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
+    constexpr int wq = 2 * (G & 3) + (G >= 4 ? 8 : 0), wh = 2 * (G & 3);
+    const int nib = 4 * (c & 1), hsh = 4 * (c & 1) + (G >= 4 ? 2 : 0);
+    uint32_t lo = (r.ql.word(wq, r.sl) >> nib) & 0x0F0F0F0Fu, hi = (r.ql.word(wq + 1, r.sl) >> nib) & 0x0F0F0F0Fu;
+    lo |= ((r.qh.word(wh, r.sh) >> hsh) & 0x03030303u) << 4;
+    hi |= ((r.qh.word(wh + 1, r.sh) >> hsh) & 0x03030303u) << 4;
+    const float a = p.a[G / 2];
+    float v[8];
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
+      v[t] = __fmul_rn(a, __fsub_rn(__uint_as_float(bits), 8388640.0f));  // 2^23 + 32: q - 32, exact
+    }
+    return round8<D>(v);
+  }
+};
+
 // The tile's group G, for tiles whose group() needs the lane (GgufTile) or not.
 template <class Tile, int G>
 __device__ __forceinline__ auto tile_group(const typename Tile::Raw& r, typename Tile::Prep& p, int c)
@@ -450,7 +515,7 @@ inline bool mma_gemv_fits(const MoeProblem& p, int cc_major, bool aligned16) {
 }
 
 // Host entry points (mma_gemv_fits(p) holds): dense experts (mma_dense.cu); GGUF experts
-// (mma_gguf.cu), of which Q4_K, Q5_K and Q8_0 from whole-block loads (mma_gguf_wide.cu).
+// (mma_gguf.cu), of which Q4_K, Q5_K, Q8_0 and Q6_K from whole-block loads (mma_gguf_wide.cu).
 std::string launch_mma_dense(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 std::string launch_mma_gguf(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 std::string launch_mma_gguf_wide(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
