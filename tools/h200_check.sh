@@ -53,8 +53,8 @@ if [ "$MODE" = profile ]; then
 fi
 if [ "$MODE" = small ]; then
   t0=$(date +%s)
-  timeout ${TESTS_S:-80} python3 -m pytest -q -m gpu test_gpu_small_t.py test_gpu.py -p no:cacheprovider \
-    -k "small_t or mma or wmma_gguf_gpu or agrees or reproducible or edge or graphs" > "$OUT/gpu_tests.log" 2>&1
+  timeout ${TESTS_S:-80} python3 -m pytest -q -m gpu test_gpu_small_t.py test_gpu.py test_gpu_properties.py -p no:cacheprovider \
+    -k "small_t or mma or wmma_gguf_gpu or agrees or reproducible or edge or graphs or any_input or nan_in_x or out_of_range or empty_experts" > "$OUT/gpu_tests.log" 2>&1
   summary+=("gpu tests ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/gpu_tests.log")")
   python3 -m pytest -q test_plan.py -p no:cacheprovider > "$OUT/plan_tests.log" 2>&1
   summary+=("plan tests: $(tail -1 "$OUT/plan_tests.log")")
