@@ -1,4 +1,4 @@
-// Few pairs per expert on the tensor cores (WMMA and WMMA_GGUF at decode-time T): each warp owns
+// Few pairs per expert on the tensor cores (WMMA_GGUF at decode-time T): each warp owns
 // a tile of 16 weight rows of one expert and runs mma.sync m16n8k16 with the weights as the m16
 // operand and up to 8 of that expert's pairs as the n8 operand, so every weight is read from
 // memory and decoded once per call however many of the expert's pairs there are (up to 8 per
@@ -45,7 +45,7 @@ struct MmaGemvArgs {
   const void* w;
   const void* scores;
   void* out;
-  int64_t T, k, N, K, E, row_bytes;  // row_bytes: bytes of one weight row (dense: 2 K)
+  int64_t T, k, N, K, E, row_bytes;  // row_bytes: bytes of one weight row
   DType score_dtype, out_dtype;
   bool reduce, x_per_pair;
   int splits;        // the chunks of K split into this many items per expert
@@ -75,23 +75,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 // packed D values. struct Raw: the lane's raw bytes of one chunk of one row (registers, loaded
 // ahead DEPTH chunks); load(raw, row, ch, c); prep(raw, c, prep) once per chunk;
 // group<G>(raw, prep[, c]) -> uint4 (8 packed values, element 0 in the low half of .x).
-
-// Dense experts as stored: 16 bytes per group, the 4 lanes of a row read 64 contiguous bytes.
-template <DType D>
-struct DenseTile {
-  static constexpr int GROUPS = 4, DEPTH = 2;  // 128 elements per chunk; chunks loaded ahead
-  struct Raw { uint4 v[GROUPS]; };
-  struct Prep {};
-  static __device__ __forceinline__ int kpos(int c, int g) { return 8 * (c + 4 * g); }
-  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
-    const uint4* p = reinterpret_cast<const uint4*>(row) + ch * (4 * GROUPS) + c;
-#pragma unroll
-    for (int g = 0; g < GROUPS; ++g) r.v[g] = __ldg(p + 4 * g);
-  }
-  static __device__ __forceinline__ void prep(const Raw&, int, Prep&) {}
-  template <int G>
-  static __device__ __forceinline__ uint4 group(const Raw& r, Prep&) { return r.v[G]; }
-};
 
 // Any GGUF format through its Format<> traits (decode8_rounded: ggml's formulas, rounded once to
 // D), read from global memory as the format's alignment allows. Lane c covers elements
@@ -505,18 +488,17 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, 2) mma_gemv_kernel(MmaGemvA
   }
 }
 
-// Whether mma_gemv serves problem p on a device of compute capability cc_major (x, and dense w,
-// 16-byte aligned: aligned16).
+// Whether mma_gemv serves problem p on a device of compute capability cc_major (x and w 16-byte
+// aligned: aligned16). GGUF experts only: for dense experts the token GEMV (token_gemv.cuh) was
+// faster at T = 1 (benchmarks/NOTES.md, v16), and the GEMM beyond.
 inline bool mma_gemv_fits(const MoeProblem& p, int cc_major, bool aligned16) {
   if (cc_major < 8 || !aligned16 || p.K % kMmaChunk != 0 || p.layout != WeightLayout::ENK) return false;
   if (p.pairs() > kMmaMaxPairs || p.E > kMmaMaxE || p.pairs() == 0) return false;
-  if (p.kind == MoeKind::WMMA_GGUF && kMmaChunk % block_elems(p.wtype) != 0) return false;
-  return p.kind == MoeKind::WMMA || p.kind == MoeKind::WMMA_GGUF;
+  return p.kind == MoeKind::WMMA_GGUF && is_quantized(p.wtype) && kMmaChunk % block_elems(p.wtype) == 0;
 }
 
-// Host entry points (mma_gemv_fits(p) holds): dense experts (mma_dense.cu); GGUF experts
-// (mma_gguf.cu), of which Q4_K, Q5_K, Q8_0 and Q6_K from whole-block loads (mma_gguf_wide.cu).
-std::string launch_mma_dense(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
+// Host entry points (mma_gemv_fits(p) holds): GGUF experts (mma_gguf.cu), of which Q4_K, Q5_K,
+// Q8_0 and Q6_K from whole-block loads (mma_gguf_wide.cu).
 std::string launch_mma_gguf(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 std::string launch_mma_gguf_wide(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 
@@ -536,7 +518,7 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   const int items = group * splits;
   const int warps = std::min(kMmaMaxWarps, std::max(1, items));
   MmaGemvArgs a{b.x, b.ids, b.w, b.scores, b.out, p.T, p.k, p.N, p.K, p.E,
-                p.kind == MoeKind::WMMA ? 2 * p.K : p.row_bytes(), p.score_dtype, p.out_dtype,
+                p.row_bytes(), p.score_dtype, p.out_dtype,
                 p.reduce, p.x_per_pair, splits, group};
   const dim3 grid(static_cast<unsigned>((p.N + kMmaRows - 1) / kMmaRows),
                   static_cast<unsigned>((U + group - 1) / group));

@@ -39,20 +39,23 @@ struct CudaPlan {
 };
 
 // Pairs per expert up to which the GEMV serves (its re-reads of the weights cost less than
-// the GEMM's tiles there). Where the tensor-core GEMV fits (mma_gemv.cuh: K a multiple of 256,
-// at most 512 pairs; small_t.cu picks it), each expert's rows are read once for up to 16 of its
-// pairs, and it serves up to kMmaGemvPairsPerExpert pairs per expert (measured on the H200:
-// benchmarks/NOTES.md); elsewhere the token GEMV re-reads an expert for every pair.
+// the GEMM's tiles there). GGUF experts where the tensor-core GEMV fits (mma_gemv.cuh: K a
+// multiple of 256, at most 512 pairs; small_t.cu picks it) have each expert's rows read and
+// decoded once per 8 of its pairs, and it serves up to kMmaGemvPairsPerExpert pairs per expert
+// on average (one mma pass; benchmarks/NOTES.md); elsewhere (dense experts too) the token GEMV
+// re-reads an expert for every pair. JAX_MOE_GEMV_PAIRS_PER_EXPERT overrides the 8, for
+// measuring the crossover (benchmarks/NOTES.md).
 constexpr int64_t kMmaGemvPairsPerExpert = 8;
 inline bool token_gemv_serves(const MoeProblem& p, const CudaDevice& d) {
   if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the GEMV
   if (p.layout != WeightLayout::ENK) return false;  // the GEMV needs rows contiguous along K
   if (p.T <= 4) return true;
-  const bool mma = d.cc_major >= 8 && p.K % 256 == 0 && p.pairs() <= 512 &&
-                   (p.kind == MoeKind::WMMA || (is_quantized(p.wtype) && 256 % block_elems(p.wtype) == 0));
+  const bool mma = p.kind == MoeKind::WMMA_GGUF && d.cc_major >= 8 && p.K % 256 == 0 && p.pairs() <= 512 &&
+                   is_quantized(p.wtype) && 256 % block_elems(p.wtype) == 0;
+  if (!mma) return p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
   int64_t per_expert = kMmaGemvPairsPerExpert;
-  if (const char* v = std::getenv("JAX_MOE_GEMV_PAIRS_PER_EXPERT")) per_expert = std::atoll(v);  // experiment
-  return mma ? p.pairs() <= per_expert * p.E : p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
+  if (const char* v = std::getenv("JAX_MOE_GEMV_PAIRS_PER_EXPERT")) per_expert = std::atoll(v);
+  return p.pairs() <= per_expert * p.E;
 }
 
 // Tile choices of the Hopper kernels.
