@@ -85,8 +85,9 @@ def test_gguf_scratch_holds_no_copy_of_the_experts(shape, T, reduce):
     assert got <= (4 * pairs * N if reduce else 0) + bookkeeping
     # It does not grow with K at all (a bf16 copy of the experts would: 15 GB for DeepSeek-V3).
     assert scratch(MoeKind.WMMA_GGUF, Q4_K, T, reduce=reduce, **{**shape, "K": 4 * K}) == got
-    # Dense and GGUF experts need the same scratch: GGUF adds nothing.
-    assert got == scratch(MoeKind.WMMA, BF16, T, reduce=reduce, **shape)
+    # GGUF experts need no more scratch than dense ones: GGUF adds nothing (the same where both
+    # take the GEMM; less where GGUF takes the tensor-core GEMV on some devices and dense the GEMM).
+    assert got <= scratch(MoeKind.WMMA, BF16, T, reduce=reduce, **shape)
 
 
 def test_token_gemv_needs_no_scratch():
