@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "../common/gguf_blocks.h"
@@ -43,8 +42,7 @@ struct CudaPlan {
 // multiple of 256, at most 512 pairs; small_t.cu picks it) have each expert's rows read and
 // decoded once per 8 of its pairs, and it serves up to kMmaGemvPairsPerExpert pairs per expert
 // on average (one mma pass; benchmarks/NOTES.md); elsewhere (dense experts too) the token GEMV
-// re-reads an expert for every pair. JAX_MOE_GEMV_PAIRS_PER_EXPERT overrides the 8, for
-// measuring the crossover (benchmarks/NOTES.md).
+// re-reads an expert for every pair.
 constexpr int64_t kMmaGemvPairsPerExpert = 8;
 inline bool token_gemv_serves(const MoeProblem& p, const CudaDevice& d) {
   if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the GEMV
@@ -53,9 +51,7 @@ inline bool token_gemv_serves(const MoeProblem& p, const CudaDevice& d) {
   const bool mma = p.kind == MoeKind::WMMA_GGUF && d.cc_major >= 8 && p.K % 256 == 0 && p.pairs() <= 512 &&
                    is_quantized(p.wtype) && 256 % block_elems(p.wtype) == 0;
   if (!mma) return p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
-  int64_t per_expert = kMmaGemvPairsPerExpert;
-  if (const char* v = std::getenv("JAX_MOE_GEMV_PAIRS_PER_EXPERT")) per_expert = std::atoll(v);
-  return p.pairs() <= per_expert * p.E;
+  return p.pairs() <= kMmaGemvPairsPerExpert * p.E;
 }
 
 // Tile choices of the Hopper kernels.
