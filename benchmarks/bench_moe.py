@@ -106,6 +106,9 @@ def random_gguf(key, fmt: str, E: int, N: int, K: int) -> QuantizedExperts:
         h = jax.random.uniform(jax.random.fold_in(k2, i), (E, N, K // qk), jnp.float32, 1e-3, 1e-2)
         hb = jax.lax.bitcast_convert_type(h.astype(jnp.float16), jnp.uint8)  # [..., 2]
         raw = raw.at[..., off:off + 2].set(hb)
+    for i, off in enumerate(E8M0_OFFSETS.get(fmt, ())):
+        e = jax.random.randint(jax.random.fold_in(k2, 100 + i), (E, N, K // qk), 117, 121).astype(jnp.uint8)
+        raw = raw.at[..., off].set(e)
     return QuantizedExperts(raw.reshape(E, N, K // qk * bb), fmt, (E, N, K))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import quantized as _quantized
 from ._ext import build_info
-from .ffn import EXPERT_NAMES, MoEWeights
+from .ffn import EXPERT_NAMES, GptOssActivation, MoEWeights, expert_bias_arrays
 from .kinds import MoeKind
 from .routing import RouterConfig
 
@@ -122,7 +122,12 @@ class _Ref:
         return self.cache[e]
 
 
-def _act(name: str, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+def _act(name: Any, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    if isinstance(name, GptOssActivation) or name == "gpt_oss":
+        p = name if isinstance(name, GptOssActivation) else GptOssActivation()
+        g = np.minimum(g, p.limit)
+        u = np.clip(u, -p.limit, p.limit)
+        return (u + 1) * g / (1 + np.exp(-p.alpha * g))
     if name == "swiglu":
         return g / (1 + np.exp(-g)) * u
     if name == "geglu":
@@ -135,7 +140,8 @@ def _act(name: str, g: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def _ffn64(x: np.ndarray, ids: np.ndarray, scores: np.ndarray, gate_up: Any, down: Any,
-           layout: str, act: str) -> np.ndarray:
+           layout: str, act: Any, gate_up_bias: np.ndarray | None = None,
+           down_bias: np.ndarray | None = None) -> np.ndarray:
     if isinstance(gate_up, tuple):
         g_ref, u_ref = _Ref(gate_up[0], layout), _Ref(gate_up[1], layout)
         rows = lambda e: np.concatenate([g_ref[e], u_ref[e]], 0)  # noqa: E731
@@ -148,13 +154,24 @@ def _ffn64(x: np.ndarray, ids: np.ndarray, scores: np.ndarray, gate_up: Any, dow
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
             h = rows(e) @ x[t]
+            if gate_up_bias is not None:
+                h = h + gate_up_bias[e]
             f = h.shape[0] // 2
-            y[t] += scores[t, j] * (d_ref[e] @ _act(act, h[:f], h[f:]))
+            o = d_ref[e] @ _act(act, h[:f], h[f:])
+            if down_bias is not None:
+                o = o + down_bias[e]
+            y[t] += scores[t, j] * o
     return y
 
 
 def _reference(w: MoEWeights, x: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    y = _ffn64(x, ids, scores, w.experts_gate_up, w.down, w.weight_layout, w.activation)
+    biases = expert_bias_arrays(w)  # float32, in the layout of w's gate/up
+    gub = biases.get("gate_up_bias")
+    if gub is None and "gate_bias" in biases:
+        gub = np.concatenate([np.asarray(biases["gate_bias"]), np.asarray(biases["up_bias"])], 1)
+    y = _ffn64(x, ids, scores, w.experts_gate_up, w.down, w.weight_layout, w.activation,
+               None if gub is None else np.asarray(gub, np.float64),
+               np.asarray(biases["down_bias"], np.float64) if biases else None)
     sh = w.shared
     if sh is not None:
         gu = sh.gate_up

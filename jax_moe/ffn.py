@@ -2,10 +2,15 @@
 
 ``moe_ffn`` runs the routed experts of each token::
 
-    gate, up = W_gate[e] @ x, W_up[e] @ x          (one moe_matmul for the fused gate+up)
-    h        = act(gate) * up                       (SwiGLU: silu, GeGLU: gelu)
-    out      = sum_j scores[t, j] * W_down[e_j] @ h_j   (one moe_matmul, reduced over the k)
+    gate, up = W_gate[e] @ x + b_gate[e], W_up[e] @ x + b_up[e]   (one moe_matmul for the fused gate+up)
+    h        = act(gate, up)                        (SwiGLU: silu(gate) * up, GeGLU, gpt-oss, ...)
+    out      = sum_j scores[t, j] * (W_down[e_j] @ h_j + b_down[e_j])   (one moe_matmul, reduced over the k)
     out     += sigmoid(x @ g) * shared_ffn(x)      (optional shared expert, optional gate g)
+
+The expert biases (gpt-oss has them; every ``b`` is optional) are applied around the kernels, in
+float32: the gate/up bias is gathered per routed pair inside the activation's elementwise work
+(XLA fuses the gather, the add and the activation into one pass over the gate/up output), and the
+down bias, weighted by the routing scores, is added to the reduced output before its one rounding.
 
 Every weight is, independently, dense (float16/bfloat16, ``[E, N, K]`` or ``[E, K, N]``) or a
 ``QuantizedExperts`` in any GGUF format: a gate+up in Q4_K with a down projection in Q6_K (as
@@ -39,8 +44,10 @@ QuantizedExperts = _quantized.QuantizedExperts
 
 __all__ = [
     "ACTIVATIONS",
+    "GptOssActivation",
     "MoEWeights",
     "SharedExpert",
+    "deinterleave_gate_up",
     "fuse_gate_up",
     "moe_block",
     "moe_ffn",
@@ -77,13 +84,46 @@ def _reglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.relu(gate) * up
 
 
+@dataclasses.dataclass(frozen=True)
+class GptOssActivation:
+    """gpt-oss's clamped SwiGLU: ``g = min(gate, limit)``, ``u = clip(up, -limit, limit)``,
+    ``(u + 1) * g * sigmoid(alpha * g)`` (Hugging Face's ``GptOssExperts``, llama.cpp's
+    ``swiglu_oai``). Hashable, so it can stand where an activation name does (``MoEWeights``, the
+    Flax modules' ``activation``); ``"gpt_oss"`` is ``GptOssActivation()``.
+
+    Attributes:
+      alpha: the sigmoid's slope (1.702 in gpt-oss).
+      limit: the clamp (7.0 in gpt-oss; ``inf`` turns the clamps off).
+    """
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or np.isnan(v):
+                raise ValueError(f"GptOssActivation: {name} must be a number; got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if not self.limit > 0:
+            raise ValueError(f"GptOssActivation: limit must be > 0; got {self.limit!r}")
+
+    def __call__(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+        """``gate``, ``up``: float ``[..., F]``; returns ``[..., F]`` in their dtype."""
+        g = jnp.minimum(gate, self.limit)
+        u = jnp.clip(up, -self.limit, self.limit)
+        return (u + 1) * (g * jax.nn.sigmoid(self.alpha * g))
+
+
 #: Gated activations by name: ``act(gate, up)``. ``"geglu"`` is GELU's tanh approximation
-#: (ggml's and Gemma's GELU), ``"geglu_erf"`` the exact one.
+#: (ggml's and Gemma's GELU), ``"geglu_erf"`` the exact one; ``"gpt_oss"`` is gpt-oss's clamped
+#: SwiGLU with its defaults (:class:`GptOssActivation` for another alpha or limit).
 ACTIVATIONS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "swiglu": _swiglu,
     "geglu": _geglu,
     "geglu_erf": _geglu_erf,
     "reglu": _reglu,
+    "gpt_oss": GptOssActivation(),
 }
 
 
@@ -179,9 +219,19 @@ def _gate_up_weights(gate_up: Any, name: str, layout: str, *, allow_2d: bool = F
     return (gu,)
 
 
+def _pair_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows ``table[ids]`` of a per-expert ``[E, n]`` table: ``[*ids.shape, n]``, zero for ids
+    outside [0, E) (those pairs contribute nothing, as in moe_matmul)."""
+    E = table.shape[0]
+    rows = jnp.take(table, jnp.clip(ids, 0, E - 1), axis=0)  # jnp.take would wrap negative ids
+    return jnp.where(((ids >= 0) & (ids < E))[..., None], rows, jnp.zeros((), table.dtype))
+
+
 def _ffn_hidden(x2: jax.Array, ids: jax.Array, gate_up: tuple[_W, ...], act: Callable,
-                kind: Any = None) -> jax.Array:
-    """Gate/up projections and the activation: float32 ``[T, k, F]``."""
+                kind: Any = None, bias: tuple[jax.Array | None, jax.Array | None] = (None, None)
+                ) -> jax.Array:
+    """Gate/up projections (+ their float32 ``[E, F]`` biases) and the activation: float32
+    ``[T, k, F]``."""
     if len(gate_up) == 1:
         gu = _project(x2, ids, gate_up[0], None, reduce=False, kind=kind).astype(jnp.float32)
         f = gate_up[0].N // 2
@@ -189,7 +239,42 @@ def _ffn_hidden(x2: jax.Array, ids: jax.Array, gate_up: tuple[_W, ...], act: Cal
     else:
         gate = _project(x2, ids, gate_up[0], None, reduce=False, kind=kind).astype(jnp.float32)
         up = _project(x2, ids, gate_up[1], None, reduce=False, kind=kind).astype(jnp.float32)
+    gate_bias, up_bias = bias
+    if gate_bias is not None:
+        gate = gate + _pair_rows(gate_bias, ids)
+    if up_bias is not None:
+        up = up + _pair_rows(up_bias, ids)
     return act(gate, up)
+
+
+def _bias(b: Any, name: str, shape: tuple[int, int], dims: str) -> jax.Array | None:
+    """A float ``[E, n]`` expert bias (``dims`` names the axes) as float32, or None;
+    ValueError/TypeError naming it."""
+    if b is None:
+        return None
+    if not hasattr(b, "shape") or not hasattr(b, "dtype"):
+        raise TypeError(f"{name} must be a float array {list(shape)}; got {type(b).__name__}")
+    b = jnp.asarray(b)
+    if not jnp.issubdtype(b.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a float array {list(shape)}; got dtype {b.dtype}")
+    if tuple(b.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {dims} = {list(shape)}; got shape {list(b.shape)}")
+    return b.astype(jnp.float32)
+
+
+def _gate_up_biases(gate_up_bias: Any, E: int, f: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """``gate_up_bias`` ([E, 2F], gate entries first, or a (gate [E, F], up [E, F]) pair with
+    None allowed) as float32 (gate, up) biases."""
+    if gate_up_bias is None:
+        return None, None
+    if isinstance(gate_up_bias, (tuple, list)):
+        if len(gate_up_bias) != 2:
+            raise ValueError(f"gate_up_bias must be one [E, 2F] array or a (gate_bias, up_bias) pair; "
+                             f"got a sequence of {len(gate_up_bias)}")
+        return (_bias(gate_up_bias[0], "gate_up_bias[0] (gate)", (E, f), "[E, F]"),
+                _bias(gate_up_bias[1], "gate_up_bias[1] (up)", (E, f), "[E, F]"))
+    b = _bias(gate_up_bias, "gate_up_bias", (E, 2 * f), "[E, 2F]")
+    return b[:, :f], b[:, f:]
 
 
 def _down_input(h: jax.Array, down: _W, x_dtype: Any) -> jax.Array:
@@ -218,6 +303,8 @@ def moe_ffn(
     out_dtype: Any = None,
     kind: Any = None,
     debug_checks: bool = False,
+    gate_up_bias: Any = None,
+    down_bias: jax.Array | None = None,
 ) -> jax.Array:
     """The routed expert FFN (plus an optional shared expert) of an MoE block.
 
@@ -230,8 +317,9 @@ def moe_ffn(
         pair of ``[E, F, D]`` weights. A pair costs two moe_matmul calls instead of one: fuse
         weights of the same format once with :func:`fuse_gate_up`.
       down: ``[E, D, F]`` (``"enk"``) or ``[E, F, D]`` (``"ekn"``).
-      activation: ``"swiglu"``, ``"geglu"`` (tanh GELU), ``"geglu_erf"``, ``"reglu"``, or a
-        callable ``act(gate, up)`` on float32 ``[..., k, F]`` arrays.
+      activation: ``"swiglu"``, ``"geglu"`` (tanh GELU), ``"geglu_erf"``, ``"reglu"``,
+        ``"gpt_oss"`` (:class:`GptOssActivation`), or a callable ``act(gate, up)`` on float32
+        ``[..., k, F]`` arrays.
       weight_layout: layout of the dense weights, ``"enk"`` (default, GGUF's ``[E, N, K]``) or
         ``"ekn"`` (Flax's ``[E, K, N]``), or a ``WeightLayout``; quantized weights are always
         ``[E, N, K]``.
@@ -241,6 +329,11 @@ def moe_ffn(
         ``moe_matmul``); one that contradicts a weight's dtype raises TypeError.
       debug_checks: checkify-check that the ids lie in ``[0, E)`` and the scores are finite
         (see :func:`jax_moe.check_routing`; run under ``checkify.checkify``).
+      gate_up_bias: optional expert bias of the gate/up projection: float ``[E, 2F]`` (gate
+        entries first, like the fused rows), or a ``(gate_bias, up_bias)`` pair of ``[E, F]``
+        (either may be None). Added in float32 before the activation.
+      down_bias: optional float ``[E, D]`` bias of the down projection; pair (t, j) adds
+        ``scores[t, j] * down_bias[e_j]``, like the rest of its output (gpt-oss).
 
     Returns:
       ``[..., D]`` in ``out_dtype``.
@@ -282,6 +375,9 @@ def moe_ffn(
 
     if debug_checks:
         _ops.check_routing(expert_ids, scores, gu[0].E, where="moe_ffn")
+    biases = _gate_up_biases(gate_up_bias, dn.E, f)
+    down_bias = _bias(down_bias, "down_bias", (dn.E, d_model), "[E, D]")
+
     lead = x.shape[:-1]
     k = expert_ids.shape[-1]
     tokens = math.prod(lead)
@@ -289,10 +385,18 @@ def moe_ffn(
     ids2 = expert_ids.reshape(tokens, k).astype(jnp.int32)
     scores2 = scores.reshape(tokens, k).astype(jnp.float32)
 
-    h = _ffn_hidden(x2, ids2, gu, act, kind)  # [T, k, F] float32
-    routed_dtype = jnp.float32 if shared is not None else out_dtype
+    h = _ffn_hidden(x2, ids2, gu, act, kind, biases)  # [T, k, F] float32
+    f32_sum = shared is not None or down_bias is not None  # more terms: add in f32, round once
+    routed_dtype = jnp.float32 if f32_sum else out_dtype
     y = _project(_down_input(h, dn, x.dtype), ids2, dn, scores2, reduce=True, out_dtype=routed_dtype,
                  kind=kind)
+    if down_bias is not None:
+        # y + sum_j scores[:, j] * down_bias[ids[:, j]], unrolled over the k: elementwise work and
+        # gathers only (no reduce), so XLA makes it one loop fusion with the final add and cast
+        # (and with whatever elementwise op consumes the block's output, e.g. a residual add).
+        y = y.astype(jnp.float32)
+        for j in range(k):
+            y = y + scores2[:, j:j + 1] * _pair_rows(down_bias, ids2[:, j])
     if shared is not None:
         y = y.astype(jnp.float32) + _shared_ffn(x2, shared, weight_layout, act, d_model, kind)
     return y.astype(out_dtype).reshape(*lead, d_model)
@@ -367,6 +471,53 @@ def fuse_gate_up(gate: Weight, up: Weight, *, weight_layout: str | WeightLayout 
     return jnp.concatenate([g.w, u.w], axis=-2 if weight_layout == "enk" else -1)
 
 
+def deinterleave_gate_up(gate_up: Any, bias: Any = None, *, weight_layout: str = "ekn") -> Any:
+    """Hugging Face's gpt-oss ``gate_up_proj`` to jax_moe's fused gate+up layout, once, on load.
+
+    Hugging Face stores gpt-oss's gate and up projections interleaved along their output axis
+    (gate, up, gate, up, ...): ``gate_up_proj`` is ``[E, D, 2F]`` (``weight_layout="ekn"``, the
+    default) with ``gate = gate_up[..., ::2]`` and ``up = gate_up[..., 1::2]``, and
+    ``gate_up_proj_bias [E, 2F]`` alike. jax_moe's fused weights hold all gate outputs first,
+    then all up outputs. ::
+
+        gate_up, gate_up_bias = deinterleave_gate_up(hf["gate_up_proj"], hf["gate_up_proj_bias"])
+        weights = MoEWeights(router=hf["router.weight"].T, router_bias=hf["router.bias"],
+                             gate_up=gate_up, gate_up_bias=gate_up_bias,
+                             down=hf["down_proj"], down_bias=hf["down_proj_bias"],
+                             config=RouterConfig.gpt_oss(k=4), activation="gpt_oss",
+                             weight_layout="ekn")
+
+    (``down_proj`` is ``[E, F, D]``, already ``"ekn"``.) ``"enk"`` de-interleaves ``[E, 2F, D]``
+    along axis 1. numpy inputs give numpy outputs (one copy, on the host); jax arrays give jax
+    arrays. Returns ``gate_up`` alone when ``bias`` is None, else ``(gate_up, bias)``.
+    """
+    _check_layout(weight_layout)
+    if isinstance(gate_up, QuantizedExperts) or not hasattr(gate_up, "shape"):
+        raise TypeError(f"deinterleave_gate_up: gate_up must be a dense [E, D, 2F] array; got "
+                        f"{type(gate_up).__name__} (de-interleave before quantizing)")
+    axis = 2 if weight_layout == "ekn" else 1
+    if len(gate_up.shape) != 3 or gate_up.shape[axis] % 2:
+        want = "[E, D, 2F]" if weight_layout == "ekn" else "[E, 2F, D]"
+        raise ValueError(f"deinterleave_gate_up: gate_up must be {want} with an even 2F; got shape "
+                         f"{list(gate_up.shape)}")
+
+    def split(a: Any, ax: int) -> Any:
+        xp = np if isinstance(a, np.ndarray) else jnp
+        idx = [slice(None)] * a.ndim
+        even, odd = list(idx), list(idx)
+        even[ax], odd[ax] = slice(0, None, 2), slice(1, None, 2)
+        return xp.concatenate([a[tuple(even)], a[tuple(odd)]], axis=ax)
+
+    out = split(gate_up, axis)
+    if bias is None:
+        return out
+    E, two_f = gate_up.shape[0], gate_up.shape[axis]
+    if tuple(bias.shape) != (E, two_f):
+        raise ValueError(f"deinterleave_gate_up: bias must be [E, 2F] = {[E, two_f]}; got shape "
+                         f"{list(bias.shape)}")
+    return out, split(bias, 1)
+
+
 def router_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """Router logits in float32: ``x [..., D] @ kernel [D, E] (+ bias [E])``."""
     kernel = jnp.asarray(kernel)
@@ -393,6 +544,8 @@ def moe_block(
     weight_layout: str | WeightLayout = "enk",
     shared: SharedExpert | None = None,
     out_dtype: Any = None,
+    gate_up_bias: Any = None,
+    down_bias: jax.Array | None = None,
     return_routing: bool = False,
     kind: Any = None,
     debug_checks: bool = False,
@@ -406,6 +559,7 @@ def moe_block(
       router: a :class:`jax_moe.routing.RouterConfig`.
       router_bias: optional ``[E]`` bias added to the logits (gpt-oss).
       selection_bias: optional ``[E]`` selection-only bias (DeepSeek-V3's ``exp_probs_b``).
+      gate_up_bias, down_bias: optional expert biases, as in :func:`moe_ffn` (gpt-oss).
       return_routing: also return ``(expert_ids, scores)``.
       kind, debug_checks: as in :func:`moe_ffn`. The router's E must be the experts' E.
 
@@ -423,7 +577,8 @@ def moe_block(
                          f">= {gu[0].E} would add nothing")
     ids, scores = router(logits, selection_bias)
     out = moe_ffn(x, ids, scores, gate_up, down, activation=activation, weight_layout=weight_layout,
-                  shared=shared, out_dtype=out_dtype, kind=kind, debug_checks=debug_checks)
+                  shared=shared, out_dtype=out_dtype, kind=kind, debug_checks=debug_checks,
+                  gate_up_bias=gate_up_bias, down_bias=down_bias)
     return (out, (ids, scores)) if return_routing else out
 
 
@@ -444,10 +599,14 @@ class MoEWeights:
       gate, up: ``[E, F, D]`` each (when their formats differ and they cannot be fused).
       router_bias: ``[E]`` bias of the logits, or None.
       selection_bias: ``[E]`` selection-only bias, or None.
+      gate_up_bias: ``[E, 2F]`` expert bias of the fused gate+up (gate entries first), or None;
+      gate_bias, up_bias: ``[E, F]`` each instead (beside separate ``gate``/``up``, or either one).
+      down_bias: ``[E, D]`` expert bias of the down projection, weighted by the routing score.
       shared_gate_up / shared_gate / shared_up / shared_down: the shared expert, or None.
       shared_expert_gate: ``[D]`` sigmoid-gate weight of the shared expert, or None.
       config: the :class:`RouterConfig`.
-      activation: a name from :data:`ACTIVATIONS`.
+      activation: a name from :data:`ACTIVATIONS`, or a hashable callable such as
+        :class:`GptOssActivation` ``(limit=...)``.
       weight_layout: layout of the dense expert weights, ``"enk"`` (default) or ``"ekn"`` (a
         ``WeightLayout`` is accepted and stored by name).
     """
@@ -464,8 +623,12 @@ class MoEWeights:
     shared_up: Any = None
     shared_down: Any = None
     shared_expert_gate: Any = None
+    gate_up_bias: Any = None
+    gate_bias: Any = None
+    up_bias: Any = None
+    down_bias: Any = None
     config: RouterConfig = dataclasses.field(default_factory=lambda: RouterConfig(k=2))
-    activation: str = "swiglu"
+    activation: str | Callable[[jax.Array, jax.Array], jax.Array] = "swiglu"
     weight_layout: str = "enk"
 
     def __post_init__(self) -> None:
@@ -479,6 +642,18 @@ class MoEWeights:
         if self.gate is None or self.up is None:
             raise ValueError("MoEWeights needs gate_up, or both gate and up")
         return (self.gate, self.up)
+
+    @property
+    def experts_gate_up_bias(self) -> Any:
+        """The ``gate_up_bias`` argument of :func:`moe_ffn`: the fused bias, the
+        ``(gate_bias, up_bias)`` pair, or None."""
+        if self.gate_up_bias is not None:
+            if self.gate_bias is not None or self.up_bias is not None:
+                raise ValueError("MoEWeights: give gate_up_bias or gate_bias/up_bias, not both")
+            return self.gate_up_bias
+        if self.gate_bias is None and self.up_bias is None:
+            return None
+        return (self.gate_bias, self.up_bias)
 
     @property
     def shared(self) -> SharedExpert | None:
@@ -550,12 +725,37 @@ class MoEWeights:
                          router_bias=self.router_bias, selection_bias=self.selection_bias,
                          activation=self.activation, weight_layout=self.weight_layout,
                          shared=self.shared, out_dtype=out_dtype, return_routing=return_routing,
-                         kind=kind, debug_checks=debug_checks)
+                         kind=kind, debug_checks=debug_checks,
+                         gate_up_bias=self.experts_gate_up_bias, down_bias=self.down_bias)
+
+
+def expert_bias_arrays(weights: MoEWeights) -> dict[str, Any]:
+    """The expert biases of ``weights`` as float32 arrays in the layout of its gate/up weights,
+    for modules that hold all of them or none: ``{"gate_up_bias": [E, 2F], "down_bias": [E, D]}``
+    beside a fused gate+up, ``{"gate_bias", "up_bias", "down_bias"}`` beside separate ones;
+    absent biases of a biased block are zeros (adding them changes nothing). ``{}`` when
+    ``weights`` has no expert bias."""
+    given = weights.experts_gate_up_bias
+    if given is None and weights.down_bias is None:
+        return {}
+    E, D, F = weights.num_experts, weights.features, weights.hidden_features
+    gate_b, up_b = _gate_up_biases(given, E, F)
+    zeros = jnp.zeros((E, F), jnp.float32)
+    gate_b = zeros if gate_b is None else gate_b
+    up_b = zeros if up_b is None else up_b
+    down_b = _bias(weights.down_bias, "down_bias", (E, D), "[E, D]")
+    out = {"down_bias": jnp.zeros((E, D), jnp.float32) if down_b is None else down_b}
+    if weights.gate_up is not None:
+        out["gate_up_bias"] = jnp.concatenate([gate_b, up_b], axis=1)
+    else:
+        out["gate_bias"], out["up_bias"] = gate_b, up_b
+    return out
 
 
 jax.tree_util.register_dataclass(
     MoEWeights,
     data_fields=["router", "down", "gate_up", "gate", "up", "router_bias", "selection_bias",
-                 "shared_gate_up", "shared_gate", "shared_up", "shared_down", "shared_expert_gate"],
+                 "shared_gate_up", "shared_gate", "shared_up", "shared_down", "shared_expert_gate",
+                 "gate_up_bias", "gate_bias", "up_bias", "down_bias"],
     meta_fields=["config", "activation", "weight_layout"],
 )

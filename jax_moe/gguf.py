@@ -22,20 +22,27 @@ is checked again on a ``gguf.GGUFReader`` passed in, and the MoE metadata and te
 checked against each other before any byte is copied.
 
 The file is memory-mapped. Expert tensors in a format jax_moe runs
-(Q8_0, Q2_K..Q6_K; F16/BF16 dense) are used as stored, ``[E, N, K]`` in numpy order: their
-bytes are copied once, from the mapped file into the array the module holds (gate and up
+(Q8_0, Q2_K..Q6_K, MXFP4; F16/BF16 dense) are used as stored, ``[E, N, K]`` in numpy order:
+their bytes are copied once, from the mapped file into the array the module holds (gate and up
 are written straight into one fused gate+up buffer when they share a format). Other formats
-(IQ*, Q4_0, MXFP4, ...) are decoded with ``gguf.quants`` to bfloat16 with a warning naming the
+(IQ*, Q4_0, ...) are decoded with ``gguf.quants`` to bfloat16 with a warning naming the
 tensor, or rejected with a ValueError when ``gguf`` cannot decode them either.
 
 Tensors of block N: ``blk.N.ffn_gate_inp.weight`` (router ``[E, D]``, transposed to ``[D, E]``),
 ``blk.N.ffn_gate_inp.bias``, ``blk.N.exp_probs_b.bias`` (selection bias),
-``blk.N.ffn_{gate,up,down}_exps.weight`` or ``blk.N.ffn_gate_up_exps.weight``, and the shared
-expert ``blk.N.ffn_{gate,up,down}_shexp.weight`` with ``blk.N.ffn_gate_inp_shexp.weight``.
+``blk.N.ffn_{gate,up,down}_exps.weight`` or ``blk.N.ffn_gate_up_exps.weight`` with their
+optional expert biases ``.bias`` (``[E, F]``, ``[E, D]``, ``[E, 2F]``; gpt-oss has them), and the
+shared expert ``blk.N.ffn_{gate,up,down}_shexp.weight`` with ``blk.N.ffn_gate_inp_shexp.weight``.
 
 Metadata: ``{arch}.expert_count``, ``expert_used_count``, ``expert_weights_norm``,
 ``expert_weights_scale``, ``expert_gating_func``, ``expert_group_count``,
-``expert_group_used_count``; where a file lacks a key, the architecture's llama.cpp default.
+``expert_group_used_count``, ``swiglu_clamp_exp`` (gpt-oss's clamp, per block); where a file
+lacks a key, the architecture's llama.cpp default.
+
+gpt-oss (architecture ``gpt-oss``, as llama.cpp writes it): MXFP4 experts kept as stored, expert
+biases, the router's bias, top-k-then-softmax routing and the clamped SwiGLU
+(:class:`jax_moe.ffn.GptOssActivation`: alpha 1.702, limit 7, or the file's
+``gpt-oss.swiglu_clamp_exp`` for the block).
 
 Requires the ``gguf`` package (and ``tqdm`` for progress bars), optional dependencies of jax_moe.
 """
@@ -60,7 +67,7 @@ import numpy as np
 
 from . import quantized as _quantized
 from ._extras import require
-from .ffn import ACTIVATIONS, MoEWeights
+from .ffn import ACTIVATIONS, GptOssActivation, MoEWeights
 from .kinds import DENSE_DTYPES, QUANTIZED_TYPES, GGMLType
 from .routing import RouterConfig
 
@@ -96,9 +103,9 @@ _ARCH_ROUTING: dict[str, tuple[str, bool]] = {
     "gpt-oss": ("topk_softmax", False),
 }
 _GATING_FUNC = {1: "softmax", 2: "sigmoid", 3: "topk_softmax"}  # llama_expert_gating_func_type
+# The experts' activation where it is not SwiGLU (llama.cpp's per-architecture choice).
+_ARCH_ACTIVATION: dict[str, str] = {"gpt-oss": "gpt_oss"}
 _UNSUPPORTED_ARCH = {
-    "gpt-oss": "gpt-oss experts use a clamped SwiGLU (alpha 1.702, limit 7) with per-expert "
-               "biases, which jax_moe.ffn.moe_ffn does not implement",
     "llama4": "llama4 applies the routing weight to the experts' input (before the FFN), which "
               "jax_moe.ffn.moe_ffn does not implement",
     "grovemoe": "grovemoe's adjugate experts are not implemented by jax_moe.ffn.moe_ffn",
@@ -120,7 +127,8 @@ class GGUFMoEConfig:
       expert_feed_forward_length: F (``{arch}.expert_feed_forward_length``), or None.
       expert_shared_count: shared experts (0 if absent).
       router: the :class:`RouterConfig` (gating, renormalization, scale, groups).
-      activation: the expert activation name.
+      activation: the expert activation name (``"gpt_oss"`` for gpt-oss, whose clamp
+        ``load_block_weights`` reads per block), or the callable passed as ``activation``.
       moe_blocks: indices of the blocks that hold expert tensors, ascending.
     """
 
@@ -132,7 +140,7 @@ class GGUFMoEConfig:
     expert_feed_forward_length: int | None
     expert_shared_count: int
     router: RouterConfig
-    activation: str
+    activation: Any
     moe_blocks: tuple[int, ...]
 
 
@@ -603,9 +611,9 @@ def read_moe_config(source: str | os.PathLike | _gguf.GGUFReader, *,
     elif not isinstance(router, RouterConfig):
         raise TypeError(f"router must be a RouterConfig or None; got {type(router).__name__}")
     if activation is None:
-        activation = "swiglu"
-    elif activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
+        activation = _ARCH_ACTIVATION.get(arch, "swiglu")
+    elif not callable(activation) and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} or a callable; got {activation!r}")
 
     def opt_int(name: str) -> int | None:
         return _int_field(reader, key(name), 0)
@@ -673,7 +681,7 @@ def _host_experts(t: Any, dense_dtype: np.dtype, *, leading_one: bool = False) -
             out[e] = _gguf.quants.dequantize(data[e], _QT(qt)).reshape(shape[1:])
     except NotImplementedError:
         raise GGUFError(
-            f"{t.name}: tensor type {_type_name(t)} is not a format jax_moe runs (Q8_0, Q2_K..Q6_K, "
+            f"{t.name}: tensor type {_type_name(t)} is not a format jax_moe runs (Q8_0, Q2_K..Q6_K, MXFP4, "
             f"F16, BF16, F32), and gguf {getattr(_gguf, '__version__', '')} cannot decode it "
             f"either") from None
     warnings.warn(f"jax_moe.gguf: {t.name} is {_type_name(t)}, a format jax_moe does not run; "
@@ -718,6 +726,25 @@ def _to_f32(t: Any) -> np.ndarray:
         raise GGUFError(f"{t.name}: gguf cannot decode tensor type {_type_name(t)}") from None
 
 
+def _swiglu_limit(reader: _gguf.GGUFReader, arch: str, block: int) -> float | None:
+    """The clamp of block ``block``'s clamped SwiGLU from ``{arch}.swiglu_clamp_exp`` (one value
+    per block, or one for all; 0 means no clamp, as in llama.cpp), or None where absent."""
+    key = f"{arch}.swiglu_clamp_exp"
+    v = _field(reader, key)
+    if v is None:
+        return None
+    values = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not values:
+        return None
+    if len(values) > 1 and block >= len(values):
+        raise GGUFError(f"metadata {key} has {len(values)} values (one per block); block {block} has none")
+    value = values[block] if len(values) > 1 else values[0]
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)) or float(value) < 0:
+        raise GGUFError(f"metadata {key} must hold finite numbers >= 0; the file has {value!r}")
+    return float(value) if float(value) > 0 else math.inf
+
+
 def load_block_weights(
     source: str | os.PathLike | _gguf.GGUFReader,
     block: int,
@@ -734,7 +761,9 @@ def load_block_weights(
     Args:
       source: path of the GGUF file, or an open ``gguf.GGUFReader``.
       block: the block index N (``blk.N.*``).
-      router, activation: override the file's routing / activation (see :func:`read_moe_config`).
+      router, activation: override the file's routing / activation (see :func:`read_moe_config`);
+        gpt-oss's ``"gpt_oss"`` takes the block's clamp from ``swiglu_clamp_exp`` where the file
+        has it (pass a :class:`jax_moe.ffn.GptOssActivation` to set it yourself).
       dense_dtype: dtype of dense (F16/BF16/F32) and decoded expert weights: bfloat16 or float16.
       fuse: write ``ffn_gate_exps`` and ``ffn_up_exps`` into one fused gate+up weight when they
         share a format (one moe_matmul call instead of two).
@@ -785,10 +814,11 @@ def load_block_weights(
         raise ValueError(f"block {block} has no expert tensors ({prefix}ffn_down_exps.weight not "
                          f"found); the MoE blocks of this file are {list(cfg.moe_blocks)}")
     unsupported = sorted(n for n in index if n.startswith(prefix) and
-                         re.match(r"ffn_\w*(_exps|_shexp)\.(?!weight$)", n[len(prefix):]))
+                         re.match(r"ffn_\w*(_exps|_shexp)\.(?!weight$)", n[len(prefix):]) and
+                         not re.match(r"ffn_(gate_up|gate|up|down)_exps\.bias$", n[len(prefix):]))
     if unsupported:
-        raise ValueError(f"block {block}: expert tensors {unsupported} (biases or scales of experts) "
-                         f"are not supported by jax_moe")
+        raise ValueError(f"block {block}: expert tensors {unsupported} (shared-expert biases or "
+                         f"scales of experts) are not supported by jax_moe")
 
     dn = experts("down")
     E, D, F = dn.shape
@@ -815,6 +845,31 @@ def load_block_weights(
                 raise GGUFError(f"{h.name}: expected [E, F, D] = {[E, F, D]}, got {list(h.shape)}")
         if fuse and (fused := _fuse(gate, up)) is not None:
             gate_up, gate, up = fused, None, None
+
+    def expert_bias(name: str, shape: tuple[int, int]) -> np.ndarray | None:
+        """``ffn_{name}_exps.bias`` as float32 ``shape``, or None."""
+        t = get(f"ffn_{name}_exps.bias")
+        if t is None:
+            return None
+        v = _to_f32(t)
+        if v.shape != shape:
+            raise GGUFError(f"{t.name}: expected {list(shape)} (one bias row per expert), got {list(v.shape)}")
+        return v
+
+    gu_bias, g_bias, u_bias = expert_bias("gate_up", (E, 2 * F)), expert_bias("gate", (E, F)), expert_bias("up", (E, F))
+    dn_bias = expert_bias("down", (E, D))
+    if gate_up is not None and gu_bias is None and (g_bias is not None or u_bias is not None):
+        zeros = np.zeros((E, F), np.float32)  # gate and up fused: so are their biases
+        gu_bias = np.concatenate([zeros if g_bias is None else g_bias, zeros if u_bias is None else u_bias], 1)
+        g_bias = u_bias = None
+    biases = {name: None if v is None else jnp.asarray(v) for name, v in
+              (("gate_up_bias", gu_bias), ("gate_bias", g_bias), ("up_bias", u_bias), ("down_bias", dn_bias))}
+
+    activation_fn = cfg.activation
+    if isinstance(activation_fn, str) and activation_fn == "gpt_oss":
+        limit = _swiglu_limit(reader, cfg.arch, int(block))
+        if limit is not None:
+            activation_fn = GptOssActivation(limit=limit)
 
     t_router = get("ffn_gate_inp.weight")
     if t_router is None:
@@ -864,7 +919,7 @@ def load_block_weights(
         up=None if up is None else _device(up, owned=_owned(up)),
         router_bias=vec("ffn_gate_inp.bias", E),
         selection_bias=vec("exp_probs_b.bias", E),
-        config=cfg.router, activation=cfg.activation, weight_layout="enk", **shared)
+        config=cfg.router, activation=activation_fn, weight_layout="enk", **biases, **shared)
 
 
 def load_nnx(source: str | os.PathLike | _gguf.GGUFReader, block: int, *, dtype: Any = jnp.bfloat16,

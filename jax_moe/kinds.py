@@ -40,6 +40,7 @@ class GGMLType(enum.IntEnum):
     Q5_K = 13
     Q6_K = 14
     BF16 = 30
+    MXFP4 = 39  #: 32 E2M1 values with one E8M0 scale (gpt-oss's expert format)
 
 
 class WeightLayout(enum.IntEnum):
@@ -72,6 +73,7 @@ _BLOCKS: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q4_K: (256, 144),
     GGMLType.Q5_K: (256, 176),
     GGMLType.Q6_K: (256, 210),
+    GGMLType.MXFP4: (32, 17),
 }
 
 #: The quantized formats, in ggml id order.
@@ -127,7 +129,7 @@ def expert_qtypes(qtype: GGMLType | int | str, down_qtype: GGMLType | int | str 
 
 
 def block_size(qtype: GGMLType | int | str) -> int:
-    """Elements per block of a quantized format (32 for Q8_0, 256 for the K-quants)."""
+    """Elements per block of a quantized format (32 for Q8_0 and MXFP4, 256 for the K-quants)."""
     return _BLOCKS[as_qtype(qtype)][0]
 
 

@@ -38,7 +38,7 @@ from flax.core import meta, unfreeze  # noqa: E402
 
 from . import modules as _modules  # noqa: E402
 from . import quantized as _quantized  # noqa: E402
-from .ffn import MoEWeights  # noqa: E402
+from .ffn import MoEWeights, expert_bias_arrays  # noqa: E402
 from .kinds import (DENSE_DTYPES, GGMLType, WeightLayout, as_kind, as_qtype,  # noqa: E402
                     expert_qtypes, row_bytes)
 from .routing import RouterConfig  # noqa: E402
@@ -61,7 +61,9 @@ class MoE(nn.Module):
     Fields mirror :class:`jax_moe.nnx.MoE`: ``features`` (D), ``hidden_features`` (F),
     ``num_experts`` (E), ``router`` (a RouterConfig or an int k), ``activation``,
     ``shared_hidden_features``, ``shared_expert_gate``, ``use_router_bias``,
-    ``use_selection_bias``, ``weight_layout`` (``"ekn"`` default as in NNX, where ``moe_matmul``
+    ``use_selection_bias``, ``use_expert_bias`` (``gate_up_bias [E, 2F]``, or ``gate_bias``/
+    ``up_bias [E, F]`` when not fused, and ``down_bias [E, D]``, float32, in ``"experts"``),
+    ``weight_layout`` (``"ekn"`` default as in NNX, where ``moe_matmul``
     and ``moe_ffn`` default to ``"enk"``; or ``"enk"``, or a ``WeightLayout``), ``dtype``,
     ``param_dtype``, ``kernel_init``, ``router_init``, ``trainable_router``, ``kind``,
     ``debug_checks``; plus:
@@ -76,11 +78,12 @@ class MoE(nn.Module):
     hidden_features: int
     num_experts: int
     router: RouterConfig | int = 2
-    activation: str = "swiglu"
+    activation: str | Callable = "swiglu"
     shared_hidden_features: int | None = None
     shared_expert_gate: bool = False
     use_router_bias: bool = False
     use_selection_bias: bool = False
+    use_expert_bias: bool = False
     weight_layout: str | WeightLayout = "ekn"
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
@@ -144,6 +147,15 @@ class MoE(nn.Module):
         else:
             gate_up, gate, up = None, self._expert("gate", F, D, E), self._expert("up", F, D, E)
         down = self._expert("down", D, F, E)
+        biases: dict[str, Any] = {}
+        if self.use_expert_bias:
+            zeros = nn.initializers.zeros
+            if self.fused_gate_up:
+                biases["gate_up_bias"] = self._frozen(EXPERTS, "gate_up_bias", zeros, (E, 2 * F), jnp.float32)
+            else:
+                biases["gate_bias"] = self._frozen(EXPERTS, "gate_bias", zeros, (E, F), jnp.float32)
+                biases["up_bias"] = self._frozen(EXPERTS, "up_bias", zeros, (E, F), jnp.float32)
+            biases["down_bias"] = self._frozen(EXPERTS, "down_bias", zeros, (E, D), jnp.float32)
         s = dict.fromkeys(("shared_gate_up", "shared_gate", "shared_up", "shared_down", "shared_expert_gate"))
         if self.shared_hidden_features is not None:
             Fs = self.shared_hidden_features
@@ -161,7 +173,7 @@ class MoE(nn.Module):
         return MoEWeights(router=router, down=down, gate_up=gate_up, gate=gate, up=up,
                           router_bias=router_bias, selection_bias=selection_bias,
                           config=_modules.router_config(self.router), activation=self.activation,
-                          weight_layout=self._layout(), **s)
+                          weight_layout=self._layout(), **s, **biases)
 
     def __call__(self, x: jax.Array, *, return_routing: bool = False):
         """``x [..., D]`` -> ``[..., D]`` in ``dtype`` (and ``(expert_ids, scores)`` if asked)."""
@@ -244,6 +256,8 @@ class MoE(nn.Module):
             experts["shared_expert_gate"] = jnp.asarray(weights.shared_expert_gate, jnp.float32).reshape(-1)
         if weights.selection_bias is not None:
             buffers["selection_bias"] = jnp.asarray(weights.selection_bias, jnp.float32)
+        expert_biases = expert_bias_arrays(weights)  # all or none
+        experts.update(expert_biases)
         module = cls(
             features=weights.features, hidden_features=weights.hidden_features,
             num_experts=weights.num_experts, router=weights.config, activation=weights.activation,
@@ -251,7 +265,7 @@ class MoE(nn.Module):
             shared_expert_gate=weights.shared_expert_gate is not None,
             use_router_bias=weights.router_bias is not None,
             use_selection_bias=weights.selection_bias is not None,
-            weight_layout=weights.weight_layout, dtype=dtype, param_dtype=param_dtype,
+            use_expert_bias=bool(expert_biases), weight_layout=weights.weight_layout, dtype=dtype, param_dtype=param_dtype,
             fused_gate_up=weights.gate_up is not None,
             fused_shared_gate_up=weights.shared_gate_up is not None if weights.shared_down is not None else None,
             quantization=tuple(sorted(quant.items())) or None, trainable_router=trainable_router)

@@ -38,11 +38,12 @@ def default_kernel_init(weight_layout: str | WeightLayout) -> Callable:
         batch_axis=(0,))
 
 
-def check_options(weight_layout: Any, activation: str, dtype: Any) -> str:
+def check_options(weight_layout: Any, activation: Any, dtype: Any) -> str:
     """Validate the options both modules take; returns the layout as ``"enk"``/``"ekn"``."""
     layout = as_layout(weight_layout, "MoE: weight_layout").name.lower()
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"MoE: activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
+    if not callable(activation) and activation not in ACTIVATIONS:
+        raise ValueError(f"MoE: activation must be one of {tuple(ACTIVATIONS)} or a callable "
+                         f"act(gate, up); got {activation!r}")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32),) + DENSE_DTYPES:
         raise TypeError(f"MoE: dtype must be bfloat16, float16 or float32; got {jnp.dtype(dtype)}")
     return layout

@@ -46,7 +46,7 @@ nnx = require("flax.nnx", "flax", "jax_moe.nnx")
 
 from . import modules as _modules  # noqa: E402
 from . import quantized as _quantized  # noqa: E402
-from .ffn import MoEWeights  # noqa: E402
+from .ffn import MoEWeights, expert_bias_arrays  # noqa: E402
 from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_kind, expert_qtypes  # noqa: E402
 from .routing import RouterConfig  # noqa: E402
 
@@ -118,10 +118,13 @@ class MoE(nnx.Module):
       num_experts: E.
       router: a :class:`RouterConfig` (``RouterConfig.mixtral(k=2)``, ...) or an int k
         (softmax, top-k, not renormalized).
-      activation: ``"swiglu"``, ``"geglu"``, ``"geglu_erf"`` or ``"reglu"``.
+      activation: ``"swiglu"``, ``"geglu"``, ``"geglu_erf"``, ``"reglu"``, ``"gpt_oss"``, or a
+        hashable callable ``act(gate, up)`` such as ``jax_moe.ffn.GptOssActivation(limit=...)``.
       shared_hidden_features: Fs, to add a shared expert (None: no shared expert).
       shared_expert_gate: gate the shared expert with ``sigmoid(x @ g)`` (Qwen2-MoE).
       router_bias: add an ``[E]`` bias to the router logits (gpt-oss), held like the router kernel.
+      expert_bias: give the experts biases (gpt-oss): ``gate_up_bias [E, 2F]`` (gate entries
+        first) and ``down_bias [E, D]``, float32 :class:`ExpertWeight` s, zeros at init.
       selection_bias: add a :class:`RoutingBias` ``[E]`` used for selection only (DeepSeek-V3).
       weight_layout: ``"ekn"`` (Flax's kernel layout ``[E, D_in, D_out]``, the default here;
         ``moe_matmul``/``moe_ffn`` default to ``"enk"``) or ``"enk"`` (GGUF's
@@ -144,7 +147,8 @@ class MoE(nnx.Module):
 
     Variables: ``router_kernel [D, E]``; ``gate_up`` (``[E, D, 2F]`` in ``"ekn"``, gate columns
     first) or ``gate``/``up``; ``down`` (``[E, F, D]`` in ``"ekn"``); optionally
-    ``router_bias``, ``selection_bias``, ``shared_gate_up [D, 2Fs]``, ``shared_down [Fs, D]``,
+    ``router_bias``, ``selection_bias``, ``gate_up_bias [E, 2F]`` (or ``gate_bias``/``up_bias``
+    ``[E, F]``) and ``down_bias [E, D]``, ``shared_gate_up [D, 2Fs]``, ``shared_down [Fs, D]``,
     ``shared_expert_gate [D]``. Quantized experts are always ``[E, N, K]`` blocks.
     """
 
@@ -155,11 +159,12 @@ class MoE(nnx.Module):
         num_experts: int,
         *,
         router: RouterConfig | int = 2,
-        activation: str = "swiglu",
+        activation: str | Callable = "swiglu",
         shared_hidden_features: int | None = None,
         shared_expert_gate: bool = False,
         router_bias: bool = False,
         selection_bias: bool = False,
+        expert_bias: bool = False,
         weight_layout: str | WeightLayout = "ekn",
         dtype: Any = jnp.bfloat16,
         param_dtype: Any = jnp.bfloat16,
@@ -208,6 +213,10 @@ class MoE(nnx.Module):
         self.gate = nnx.data(None)
         self.up = nnx.data(None)
         self.down = ExpertWeight(kernel_init(rngs.params(), expert_shape(D, F), self.param_dtype))
+        self.gate_up_bias = nnx.data(ExpertWeight(jnp.zeros((E, 2 * F), jnp.float32)) if expert_bias else None)
+        self.gate_bias = nnx.data(None)
+        self.up_bias = nnx.data(None)
+        self.down_bias = nnx.data(ExpertWeight(jnp.zeros((E, D), jnp.float32)) if expert_bias else None)
 
         self.shared_hidden_features = None if shared_hidden_features is None else int(shared_hidden_features)
         for name in _SHARED_NAMES + ("shared_expert_gate",):
@@ -249,7 +258,9 @@ class MoE(nnx.Module):
             selection_bias=get(self.selection_bias), shared_gate_up=expert(self.shared_gate_up),
             shared_gate=expert(self.shared_gate), shared_up=expert(self.shared_up),
             shared_down=expert(self.shared_down), shared_expert_gate=get(self.shared_expert_gate),
-            config=self.router_config, activation=self.activation, weight_layout=self.weight_layout)
+            gate_up_bias=get(self.gate_up_bias), gate_bias=get(self.gate_bias),
+            up_bias=get(self.up_bias), down_bias=get(self.down_bias), config=self.router_config,
+            activation=self.activation, weight_layout=self.weight_layout)
 
     def __call__(self, x: jax.Array, *, return_routing: bool = False):
         """``x [..., D]`` -> ``[..., D]`` in ``dtype`` (and ``(expert_ids, scores)`` if asked)."""
@@ -343,6 +354,8 @@ class MoE(nnx.Module):
         put("shared_up", var(weights.shared_up, squeeze=True))
         put("shared_down", var(weights.shared_down, squeeze=True))
         put("shared_expert_gate", var(weights.shared_expert_gate))
+        for name, value in expert_bias_arrays(weights).items():  # all or none
+            put(name, var(value))
         for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(module)):
             if isinstance(leaf, jax.ShapeDtypeStruct):  # pragma: no cover - a bug if reached
                 raise AssertionError(f"MoE.from_weights left {path} uninitialized")

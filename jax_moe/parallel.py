@@ -45,7 +45,7 @@ from .quantized import QuantizedExperts
 
 __all__ = ["ExpertParallel", "expert_parallel_ffn"]
 
-_EXPERT_FIELDS = ("down", "gate_up", "gate", "up")
+_EXPERT_FIELDS = ("down", "gate_up", "gate", "up", "gate_up_bias", "gate_bias", "up_bias", "down_bias")
 
 
 def _is_leaf(a: Any) -> bool:
@@ -203,6 +203,8 @@ class ExpertParallel:
         weight_layout: str | WeightLayout = "enk",
         shared: SharedExpert | None = None,
         out_dtype: Any = None,
+        gate_up_bias: Any = None,
+        down_bias: jax.Array | None = None,
     ) -> jax.Array:
         """Expert-parallel :func:`jax_moe.ffn.moe_ffn`: same arguments, same result.
 
@@ -215,6 +217,8 @@ class ExpertParallel:
             :meth:`shard_experts`, or constrained here); dense or ``QuantizedExperts``.
           activation, weight_layout, out_dtype: as in ``moe_ffn``.
           shared: an optional shared expert (replicated weights).
+          gate_up_bias, down_bias: optional expert biases (``[E, 2F]`` or a pair of ``[E, F]``,
+            and ``[E, D]``), split along E with the experts.
 
         Returns:
           ``[B, ..., D]`` in ``out_dtype`` (default ``x.dtype``), split like ``x``. It equals
@@ -234,13 +238,13 @@ class ExpertParallel:
             raise ValueError(f"ExpertParallel.ffn: the leading axis of x {list(x.shape)} must be "
                              f"a multiple of {n_tok}, the devices of the token axes {self.token_axes}")
         x, expert_ids, scores = self.shard_tokens((x, jnp.asarray(expert_ids), jnp.asarray(scores)))
-        gate_up, down = self.shard_experts((gate_up, down))
+        gate_up, down, biases = self.shard_experts((gate_up, down, (gate_up_bias, down_bias)))
         if shared is not None:
             shared = self.replicate(shared)
         ea = self.expert_axis
         gather = self.tokens_over_experts
 
-        def body(x, ids, scores, gate_up, down, shared):
+        def body(x, ids, scores, gate_up, down, biases, shared):
             x_own = x
             if gather:  # this device computes its experts for every token of its data shard
                 x, ids, scores = (jax.lax.all_gather(a, ea, axis=0, tiled=True)
@@ -249,7 +253,8 @@ class ExpertParallel:
             e_local = _num_experts(jax.tree_util.tree_leaves(down, is_leaf=_is_leaf)[0])
             local = local_expert_ids(ids, ea, e_local)
             y = moe_ffn(x, local, scores, gate_up, down, activation=activation,
-                        weight_layout=weight_layout, out_dtype=jnp.float32)
+                        weight_layout=weight_layout, out_dtype=jnp.float32,
+                        gate_up_bias=biases[0], down_bias=biases[1])  # remote experts' ids add 0
             if gather:
                 y = jax.lax.psum_scatter(y, ea, scatter_dimension=0, tiled=True)
             else:
@@ -262,9 +267,9 @@ class ExpertParallel:
         w_spec = self.expert_spec
         run = jax.shard_map(
             body, mesh=self.mesh,
-            in_specs=(self.token_spec, self.token_spec, self.token_spec, w_spec, w_spec, P()),
+            in_specs=(self.token_spec, self.token_spec, self.token_spec, w_spec, w_spec, w_spec, P()),
             out_specs=self.token_spec, check_vma=True)
-        return run(x, expert_ids, scores, gate_up, down, shared)
+        return run(x, expert_ids, scores, gate_up, down, biases, shared)
 
     def block(self, x: jax.Array, weights: MoEWeights, *, out_dtype: Any = None,
               return_routing: bool = False):
@@ -280,7 +285,8 @@ class ExpertParallel:
         ids, scores = weights.config(logits, weights.selection_bias)
         out = self.ffn(x, ids, scores, weights.experts_gate_up, weights.down,
                        activation=weights.activation, weight_layout=weights.weight_layout,
-                       shared=weights.shared, out_dtype=out_dtype)
+                       shared=weights.shared, out_dtype=out_dtype,
+                       gate_up_bias=weights.experts_gate_up_bias, down_bias=weights.down_bias)
         return (out, (ids, scores)) if return_routing else out
 
 
@@ -298,7 +304,8 @@ def expert_parallel_ffn(
     **kwargs: Any,
 ) -> jax.Array:
     """Functional form of :meth:`ExpertParallel.ffn`; ``kwargs`` are ``moe_ffn``'s
-    (``activation``, ``weight_layout``, ``shared``, ``out_dtype``)."""
+    (``activation``, ``weight_layout``, ``shared``, ``out_dtype``, ``gate_up_bias``,
+    ``down_bias``)."""
     ep = ExpertParallel(mesh, expert_axis=expert_axis, data_axis=data_axis,
                         tokens_over_experts=tokens_over_experts)
     return ep.ffn(x, expert_ids, scores, gate_up, down, **kwargs)

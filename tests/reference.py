@@ -16,8 +16,11 @@ BLOCKS = {
     "Q4_K": (256, 144, (0, 2)),
     "Q5_K": (256, 176, (0, 2)),
     "Q6_K": (256, 210, (208,)),
+    "MXFP4": (32, 17, ()),
 }
 FORMATS = tuple(BLOCKS)
+# byte offsets of the E8M0 scale fields (2^(e - 127)), for the formats that have them
+E8M0 = {"MXFP4": (0,)}
 
 
 def gguf_type(name: str) -> gguf.GGMLQuantizationType:
@@ -30,13 +33,17 @@ def round_to(a: np.ndarray, dtype_name: str) -> np.ndarray:
 
 
 def random_blocks(rng: np.random.Generator, fmt: str, shape: tuple[int, ...], scale: float = 0.02) -> np.ndarray:
-    """Random bytes for blocks of `fmt` with finite fp16 scales: uint8 [*shape, n_blocks * bytes]."""
+    """Random bytes for blocks of `fmt` with finite fp16 scales of about `scale` (E8M0 scales:
+    powers of two around `scale`, so that the values stay finite): uint8 [*shape, n_blocks * bytes]."""
     qk, bb, offsets = BLOCKS[fmt]
     *lead, nblocks = shape
     raw = rng.integers(0, 256, size=(*lead, nblocks, bb), dtype=np.uint8)
     for off in offsets:
         h = (rng.standard_normal((*lead, nblocks)) * scale).astype(np.float16)
         raw[..., off:off + 2] = h.view(np.uint8).reshape(*lead, nblocks, 2)
+    for off in E8M0.get(fmt, ()):
+        mag = np.abs(rng.standard_normal((*lead, nblocks))) * scale + 1e-30
+        raw[..., off] = np.clip(np.round(np.log2(mag)) + 127, 1, 254).astype(np.uint8)
     return raw.reshape(*lead, nblocks * bb)
 
 
@@ -88,9 +95,17 @@ def rel_err(out, ref) -> float:
 # -- the expert FFN (moe_ffn) ---------------------------------------------------------------------
 F32 = np.dtype(np.float32)
 
+def gpt_oss_act(g, u, alpha: float = 1.702, limit: float = 7.0):
+    """gpt-oss's clamped SwiGLU, written from Hugging Face's GptOssExperts."""
+    g = np.minimum(g, limit)
+    u = np.clip(u, -limit, limit)
+    return (u + 1) * g / (1 + np.exp(-alpha * g))
+
+
 ACTIVATIONS = {
     "swiglu": lambda g, u: g / (1 + np.exp(-g)) * u,
     "geglu": lambda g, u: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * u,
+    "gpt_oss": gpt_oss_act,
 }
 
 
@@ -124,22 +139,26 @@ def _out_of(w, x_dtype) -> np.dtype:
     return np.dtype(x_dtype) if _quantized(w) else np.dtype(w.dtype)
 
 
-def ffn_reference(x, ids, scores, gate, up, down, *, act: str = "swiglu", layout: str = "enk",
-                  shared=None, out_dtype=None):
+def ffn_reference(x, ids, scores, gate, up, down, *, act="swiglu", layout: str = "enk",
+                  shared=None, out_dtype=None, gate_bias=None, up_bias=None, down_bias=None):
     """float64 reference of the expert FFN (jax_moe.moe_ffn) as its kernels compute it.
 
     x [T, D]; ids, scores [T, k]; gate, up [E, F, D] and down [E, D, F] as passed to moe_ffn
     (dense arrays in ``layout``, or QuantizedExperts); ``shared``: None or (gate, up, down,
     gate_weight [D] or None) with E = 1. Each projection's input is staged and its output
-    rounded as the kind does (§4 of docs/contract.md); the activation runs in float32.
-    Returns (y float64 [T, D], out_dtype).
+    rounded as the kind does (§4 of docs/contract.md); the activation (a name of ACTIVATIONS or
+    a callable) runs in float32. Optional expert biases gate_bias, up_bias [E, F] and down_bias
+    [E, D] are added (in float64) to the gate/up outputs and to each pair's down output before its
+    score; pairs with ids outside [0, E) are skipped. Returns (y float64 [T, D], out_dtype).
     """
     x_dtype = np.dtype(np.asarray(x).dtype)
     x = np.asarray(x).astype(np.float32).astype(np.float64)
     ids, scores = np.asarray(ids), np.asarray(scores, np.float64)
     out_dtype = np.dtype(out_dtype or x_dtype)
 
-    def expert_ffn(xrows, ids_, wg, wu, wd, sc):
+    act_fn = ACTIVATIONS[act] if isinstance(act, str) else act
+
+    def expert_ffn(xrows, ids_, wg, wu, wd, sc, gb=None, ub=None, db=None):
         g_w, u_w, d_w = (weight_as_seen(w, x_dtype, layout) for w in (wg, wu, wd))
         xg, xu = _stage(xrows, wg, x_dtype), _stage(xrows, wu, x_dtype)
         T, k = ids_.shape
@@ -147,13 +166,22 @@ def ffn_reference(x, ids, scores, gate, up, down, *, act: str = "swiglu", layout
         for t in range(T):
             for j in range(k):
                 e = ids_[t, j]
+                if not 0 <= e < d_w.shape[0]:
+                    continue
                 g = _round(g_w[e] @ xg[t], _out_of(wg, x_dtype))
                 u = _round(u_w[e] @ xu[t], _out_of(wu, x_dtype))
-                h = _round(ACTIVATIONS[act](g, u), F32)
-                y[t] += sc[t, j] * (d_w[e] @ _stage(h, wd, x_dtype))
+                if gb is not None:
+                    g = g + np.asarray(gb, np.float64)[e]
+                if ub is not None:
+                    u = u + np.asarray(ub, np.float64)[e]
+                h = _round(act_fn(g, u), F32)
+                o = d_w[e] @ _stage(h, wd, x_dtype)
+                if db is not None:
+                    o = o + np.asarray(db, np.float64)[e]
+                y[t] += sc[t, j] * o
         return y
 
-    y = expert_ffn(x, ids, gate, up, down, scores)
+    y = expert_ffn(x, ids, gate, up, down, scores, gate_bias, up_bias, down_bias)
     if shared is not None:
         sg, su, sd, gate_w = shared
         ys = expert_ffn(x, np.zeros((x.shape[0], 1), np.int64), sg, su, sd, np.ones((x.shape[0], 1)))

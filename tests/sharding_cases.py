@@ -420,23 +420,32 @@ def test_parallel_ffn(rng, mesh_name, fmt, over):
     assert n_comb == 1, n_comb
 
 
-@pytest.mark.parametrize("mesh_name", ["2x4", "4x2"])
-def test_parallel_block_with_shared_expert(rng, mesh_name):
-    """ExpertParallel.block: router + experts + gated shared expert, equal to MoEWeights(x)."""
+@pytest.mark.parametrize("mesh_name,biases", [("2x4", False), ("4x2", False), ("2x4", True)])
+def test_parallel_block_with_shared_expert(rng, mesh_name, biases):
+    """ExpertParallel.block: router + experts (+ gpt-oss's expert biases) + gated shared
+    expert, equal to MoEWeights(x)."""
     shape, _ = MESHES[mesh_name]
     mesh = jax.make_mesh(shape, ("data", "expert"))
     ep = ExpertParallel(mesh)
     gu, dn = ffn_weights(rng, None, layout="ekn")
+    extra = {}
+    if biases:
+        extra = dict(gate_up_bias=jnp.asarray(rng.standard_normal((E, 2 * F)), jnp.float32),
+                     down_bias=jnp.asarray(rng.standard_normal((E, D)), jnp.float32), activation="gpt_oss")
     w = MoEWeights(
         router=jnp.asarray(rng.standard_normal((D, E)), jnp.float32), down=dn, gate_up=gu,
         shared_gate_up=jnp.asarray(rng.standard_normal((1, D, 2 * Fs)) / 8, jnp.bfloat16),
         shared_down=jnp.asarray(rng.standard_normal((1, Fs, D)) / 6, jnp.bfloat16),
         shared_expert_gate=jnp.asarray(rng.standard_normal(D), jnp.float32),
-        config=RouterConfig(k=2), weight_layout="ekn")
+        config=RouterConfig(k=2), weight_layout="ekn", **extra)
     x = jnp.asarray(rng.standard_normal((16, 2, D)), jnp.bfloat16)
     ref, (ref_ids, _) = w(x, return_routing=True)
     sw = ep.shard_weights(w)
     assert sw.down.sharding.spec == P("expert") and sw.router.sharding.spec == P()
+    if biases:
+        assert sw.down_bias.sharding.spec == P("expert")
+        no_bias = dataclasses.replace(w, gate_up_bias=None, down_bias=None)(x)
+        assert np.abs(np.asarray(no_bias, np.float32) - np.asarray(ref, np.float32)).max() > 0.1
     out, (ids, _) = jax.jit(lambda x, w: ep.block(x, w, return_routing=True))(x, sw)
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
     assert_matches(out, ref, exact=False, out_dtype="bfloat16")

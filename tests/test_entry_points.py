@@ -30,7 +30,7 @@ from test_properties import SETTINGS, bits, examples
 
 cpu = jax_moe._ext.cpu
 BF16 = jnp.bfloat16
-GGML = {"Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+GGML = {"Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
 
 
 def ffi(x, ids, w, s, out_shape, out_dtype, *, kind, wtype, layout=0, reduce=True):
@@ -184,7 +184,7 @@ def direct_calls(draw):
         else:
             key = draw(st.sampled_from(["kind", "wtype", "layout", "reduce"]))
             spec[key] = {"kind": draw(st.sampled_from([-1, 0, 1, 2, 3])),
-                         "wtype": draw(st.sampled_from([0, 1, 8, 9, 10, 11, 12, 13, 14, 15, 30, -1])),
+                         "wtype": draw(st.sampled_from([0, 1, 8, 9, 10, 11, 12, 13, 14, 15, 30, 38, 39, 40, -1])),
                          "layout": draw(st.sampled_from([-1, 0, 1, 2])), "reduce": not spec["reduce"]}[key]
     return spec, draw(st.integers(0, 2**32))
 

@@ -11,7 +11,7 @@ import pytest
 import jax_moe
 from jax_moe.ffn import MoEWeights, SharedExpert, fuse_gate_up, moe_block, moe_ffn
 from jax_moe.routing import RouterConfig
-from reference import ffn_reference as ref_ffn
+from reference import ffn_reference as ref_ffn, gpt_oss_act
 
 BF16, F16, F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32)
 # Half an ulp at 1.0: the one rounding of the output. Intermediate roundings (gate/up, h) may
@@ -261,3 +261,188 @@ def test_bad_inputs(rng):
         moe_ffn(x.astype(jnp.int32), ids, scores, gu, dn)
     with pytest.raises(TypeError, match="SharedExpert"):
         moe_ffn(x, ids, scores, gu, dn, shared=(gu, dn))
+
+
+# -- gpt-oss: expert biases and the clamped SwiGLU -------------------------------------------------
+
+def gpt_oss_case(rng, E=4, k=2, D=256, F=256, T=9, dtype=jnp.bfloat16):
+    """Inputs whose gate/up values reach past the clamp (|gate + bias| > 7 happens), biases
+    of the size gpt-oss has, and two pairs with out-of-range ids."""
+    x, ids, scores, wg, wu, wd = make(rng, E=E, k=k, D=D, F=F, T=T, dtype=dtype)
+    wg, wu = wg * 4, wu * 4
+    ids = ids.at[0, 0].set(-1).at[1, 1].set(E)
+    gb = (rng.standard_normal((E, F)) * 3).astype(np.float32)
+    ub = (rng.standard_normal((E, F)) * 3).astype(np.float32)
+    db = rng.standard_normal((E, D)).astype(np.float32)
+    return x, ids, scores, wg, wu, wd, gb, ub, db
+
+
+@pytest.mark.parametrize("weights", ["bf16_enk", "bf16_ekn", "mxfp4", "mxfp4_f32", "q8_0_pair"])
+def test_gpt_oss_ffn_with_biases(rng, weights):
+    """moe_ffn with gate/up and down biases and the gpt_oss activation against the float64
+    reference: dense (both layouts), MXFP4 experts (WMMA_GGUF with bf16 x, SCALAR_GGUF with
+    f32 x), and separate gate/up weights with a (gate_bias, up_bias) pair."""
+    x_dtype = jnp.float32 if weights == "mxfp4_f32" else jnp.bfloat16
+    x, ids, scores, wg, wu, wd, gb, ub, db = gpt_oss_case(rng, dtype=x_dtype)
+    F = wg.shape[1]
+    layout = "ekn" if weights == "bf16_ekn" else "enk"
+    if weights.startswith("bf16"):
+        gu = split_enk(jnp.asarray(np.concatenate([wg, wu], 1), jnp.bfloat16), layout)
+        dn = split_enk(jnp.asarray(wd, jnp.bfloat16), layout)
+        g, u = (gu[:, :F], gu[:, F:]) if layout == "enk" else (gu[:, :, :F], gu[:, :, F:])
+        gate_up, bias = gu, np.concatenate([gb, ub], 1)
+    elif weights.startswith("mxfp4"):
+        gu = jax_moe.quantize(np.concatenate([wg, wu], 1), "MXFP4")
+        dn = jax_moe.quantize(wd, "MXFP4")
+        g = jax_moe.QuantizedExperts(np.asarray(gu.data)[:, :F], "MXFP4", (4, F, 256))
+        u = jax_moe.QuantizedExperts(np.asarray(gu.data)[:, F:], "MXFP4", (4, F, 256))
+        gate_up, bias = gu, np.concatenate([gb, ub], 1)
+    else:
+        g, u, dn = jax_moe.quantize(wg, "Q8_0"), jax_moe.quantize(wu, "Q8_0"), jax_moe.quantize(wd, "Q8_0")
+        gate_up, bias = (g, u), (gb, ub)
+    fn = jax.jit(lambda x, b, d: moe_ffn(x, ids, scores, gate_up, dn, activation="gpt_oss",
+                                         weight_layout=layout, gate_up_bias=b, down_bias=d))
+    out = fn(x, bias, db)
+    assert out.dtype == x_dtype
+    ref, od = ref_ffn(x, ids, scores, g, u, dn, act="gpt_oss", layout=layout,
+                      gate_bias=gb, up_bias=ub, down_bias=db)
+    assert_close(out, ref, od, scalar=x_dtype == jnp.float32)
+    # the biases matter, and the clamp is reached (a SwiGLU on the same values differs)
+    no_bias, _ = ref_ffn(x, ids, scores, g, u, dn, act="gpt_oss", layout=layout)
+    assert np.abs(no_bias - ref).max() > 0.1 * np.abs(ref).max()
+    unclamped, _ = ref_ffn(x, ids, scores, g, u, dn, act=lambda a, b: gpt_oss_act(a, b, limit=np.inf),
+                           layout=layout, gate_bias=gb, up_bias=ub, down_bias=db)
+    assert np.abs(unclamped - ref).max() > 0.1 * np.abs(ref).max()
+
+
+def test_gpt_oss_activation(rng):
+    """The activation alone, its parameters, and their validation."""
+    from jax_moe.ffn import ACTIVATIONS, GptOssActivation
+
+    g = (rng.standard_normal(1000) * 6).astype(np.float32)
+    u = (rng.standard_normal(1000) * 6).astype(np.float32)
+    assert ACTIVATIONS["gpt_oss"] == GptOssActivation() == GptOssActivation(1.702, 7.0)
+    got = np.asarray(ACTIVATIONS["gpt_oss"](jnp.asarray(g), jnp.asarray(u)), np.float64)
+    np.testing.assert_allclose(got, gpt_oss_act(g.astype(np.float64), u.astype(np.float64)), rtol=2e-6, atol=2e-6)
+    act = GptOssActivation(alpha=1.0, limit=3.0)
+    got = np.asarray(act(jnp.asarray(g), jnp.asarray(u)), np.float64)
+    np.testing.assert_allclose(got, gpt_oss_act(g.astype(np.float64), u.astype(np.float64), 1.0, 3.0),
+                               rtol=2e-6, atol=2e-6)
+    assert hash(act) == hash(GptOssActivation(alpha=1.0, limit=3.0))
+    for bad in (dict(limit=0.0), dict(limit=-1.0), dict(alpha=float("nan")), dict(limit="7")):
+        with pytest.raises(ValueError, match="GptOssActivation"):
+            GptOssActivation(**bad)
+
+
+def test_deinterleave_gate_up(rng):
+    """Hugging Face's interleaved gpt-oss gate_up_proj [E, D, 2F] (+ bias [E, 2F]), computed
+    the way Hugging Face does (gate = h[..., ::2], up = h[..., 1::2]), equals moe_ffn on the
+    de-interleaved weights."""
+    from jax_moe.ffn import deinterleave_gate_up
+
+    E, D, F, T, k = 4, 64, 32, 6, 2
+    hf = (rng.standard_normal((E, D, 2 * F)) / 4).astype(np.float32)
+    hf_b = rng.standard_normal((E, 2 * F)).astype(np.float32)
+    down = (rng.standard_normal((E, F, D)) / 4).astype(np.float32)
+    down_b = rng.standard_normal((E, D)).astype(np.float32)
+    gu, b = deinterleave_gate_up(hf, hf_b)
+    assert isinstance(gu, np.ndarray) and gu.shape == (E, D, 2 * F)
+    np.testing.assert_array_equal(gu[..., :F], hf[..., 0::2])
+    np.testing.assert_array_equal(b[:, F:], hf_b[:, 1::2])
+    gu_j = deinterleave_gate_up(jnp.asarray(hf))
+    assert isinstance(gu_j, jax.Array)
+    np.testing.assert_array_equal(np.asarray(gu_j), gu)
+    enk = deinterleave_gate_up(np.swapaxes(hf, 1, 2), weight_layout="enk")
+    np.testing.assert_array_equal(enk, np.swapaxes(gu, 1, 2))
+
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    scores = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+    w16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    out = moe_ffn(jnp.asarray(x, jnp.bfloat16), ids, scores, w16(gu), w16(down), activation="gpt_oss",
+                  weight_layout="ekn", gate_up_bias=b, down_bias=down_b, out_dtype=jnp.float32)
+    # Hugging Face's GptOssExperts, in float64 on the bfloat16-rounded weights and inputs
+    r = lambda a: np.asarray(a, np.float32).astype(BF16).astype(np.float64)  # noqa: E731
+    ref = np.zeros((T, D))
+    for t in range(T):
+        for j in range(k):
+            e = ids[t, j]
+            h = r(r(x[t]) @ r(hf[e])) + hf_b[e]
+            act = gpt_oss_act(h[0::2], h[1::2])
+            ref[t] += scores[t, j] * (r(act) @ r(down[e]) + down_b[e])
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=2**-8, atol=2**-8 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="even 2F"):
+        deinterleave_gate_up(hf[..., :-1])
+    with pytest.raises(ValueError, match=r"bias must be \[E, 2F\]"):
+        deinterleave_gate_up(hf, hf_b[:, :-1])
+    with pytest.raises(TypeError, match="dense"):
+        deinterleave_gate_up(jax_moe.quantize(np.swapaxes(hf, 1, 2), "Q8_0"))
+
+
+def test_bias_arguments_are_checked(rng):
+    x, ids, scores, wg, wu, wd = make(rng)
+    gu = jnp.asarray(np.concatenate([wg, wu], 1), jnp.bfloat16)
+    dn = jnp.asarray(wd, jnp.bfloat16)
+    E, F, D = 4, 256, 256
+    with pytest.raises(ValueError, match=r"gate_up_bias must be \[E, 2F\] = \[4, 512\]"):
+        moe_ffn(x, ids, scores, gu, dn, gate_up_bias=np.zeros((E, F), np.float32))
+    with pytest.raises(ValueError, match=r"down_bias must be \[E, D\] = \[4, 256\]"):
+        moe_ffn(x, ids, scores, gu, dn, down_bias=np.zeros((E, D + 1), np.float32))
+    with pytest.raises(TypeError, match="down_bias must be a float array"):
+        moe_ffn(x, ids, scores, gu, dn, down_bias=np.zeros((E, D), np.int32))
+    with pytest.raises(ValueError, match=r"gate_up_bias\[1\] \(up\) must be \[E, F\]"):
+        moe_ffn(x, ids, scores, gu, dn, gate_up_bias=(None, np.zeros((E, 2 * F), np.float32)))
+    with pytest.raises(ValueError, match="pair"):
+        moe_ffn(x, ids, scores, gu, dn, gate_up_bias=(None, None, None))
+    # a pair with one None: only the up bias
+    ub = rng.standard_normal((E, F)).astype(np.float32)
+    out = moe_ffn(x, ids, scores, gu, dn, gate_up_bias=(None, ub))
+    ref, od = ref_ffn(x, ids, scores, gu[:, :F], gu[:, F:], dn, up_bias=ub)
+    assert_close(out, ref, od)
+    w = MoEWeights(router=np.zeros((D, E), np.float32), gate_up=gu, down=dn,
+                   gate_up_bias=np.zeros((E, 2 * F), np.float32), up_bias=ub)
+    with pytest.raises(ValueError, match="not both"):
+        w(x)
+
+
+def test_moe_weights_with_biases_is_a_pytree(rng):
+    """MoEWeights carries the biases through jit (as leaves) into moe_block."""
+    x, ids, scores, wg, wu, wd, gb, ub, db = gpt_oss_case(rng, E=8, T=12)
+    router = jnp.asarray(rng.standard_normal((256, 8)) / 4, jnp.float32)
+    rb = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    w = MoEWeights(router=router, router_bias=rb, gate_up=jax_moe.quantize(np.concatenate([wg, wu], 1), "MXFP4"),
+                   down=jax_moe.quantize(wd, "MXFP4"), gate_up_bias=np.concatenate([gb, ub], 1),
+                   down_bias=db, config=RouterConfig.gpt_oss(k=2), activation="gpt_oss")
+    leaves = jax.tree_util.tree_leaves(w)
+    assert sum(leaf.shape == (8, 512) for leaf in leaves) == 1 and sum(leaf.shape == (8, 256) for leaf in leaves) == 1
+    out, (ids, scores) = jax.jit(lambda w, x: w(x, return_routing=True))(w, x)
+    direct = jax.jit(lambda x: moe_block(x, router, w.gate_up, w.down, router=w.config, router_bias=rb,
+                                         activation="gpt_oss", gate_up_bias=w.gate_up_bias, down_bias=db))(x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(direct, np.float32))
+    F = 256
+    g = jax_moe.QuantizedExperts(np.asarray(w.gate_up.data)[:, :F], "MXFP4", (8, F, 256))
+    u = jax_moe.QuantizedExperts(np.asarray(w.gate_up.data)[:, F:], "MXFP4", (8, F, 256))
+    ref, od = ref_ffn(x, ids, scores, g, u, w.down, act="gpt_oss", gate_bias=gb, up_bias=ub, down_bias=db)
+    assert_close(out, ref, od)
+
+
+def test_biases_fuse_into_the_elementwise_work(rng):
+    """The gate/up bias adds no kernel (it is part of the activation's fusion between the two
+    moe_matmul calls); the down bias adds one elementwise fusion (the add after the down
+    projection), not a materialized [T, k, D] gather or a separate reduction."""
+    x, ids, scores, wg, wu, wd = make(rng, T=16)
+    gu = jnp.asarray(np.concatenate([wg, wu], 1), jnp.bfloat16)
+    dn = jnp.asarray(wd, jnp.bfloat16)
+    gub = jnp.asarray(rng.standard_normal((4, 512)), jnp.float32)
+    db = jnp.asarray(rng.standard_normal((4, 256)), jnp.float32)
+
+    def ops(**kw) -> list[str]:
+        f = jax.jit(lambda x, ids, s, **kw: moe_ffn(x, ids, s, gu, dn, activation="gpt_oss", **kw))
+        text = f.lower(x, ids, scores, **kw).compile().as_text()
+        entry = text[text.index("ENTRY"):].split("\n}")[0]
+        return [line for line in entry.splitlines() if " fusion(" in line or "custom-call(" in line
+                or " gather(" in line or " reduce(" in line]
+
+    plain = ops()
+    assert len(ops(gate_up_bias=gub)) == len(plain)
+    assert len(ops(gate_up_bias=gub, down_bias=db)) == len(plain) + 1

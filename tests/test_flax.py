@@ -194,3 +194,64 @@ def test_linen_matches_nnx_and_quantizes(rng):
     lm2, lv2 = jax_moe.linen.MoE.from_weights(nm.weights())
     np.testing.assert_array_equal(np.asarray(jax.jit(lm2.apply)(lv2, x), np.float32),
                                   np.asarray(qout, np.float32))
+
+
+def test_expert_biases_in_nnx_and_linen(rng):
+    """expert_bias=True (NNX) / use_expert_bias=True (Linen): [E, 2F] and [E, D] float32 biases,
+    zeros at init, kept as float32 by quantize (MXFP4 experts), and applied as moe_block applies
+    them; from_weights fills a biased block's missing biases with zeros."""
+    from jax_moe.ffn import GptOssActivation
+
+    act = GptOssActivation(limit=5.0)
+    m = jax_moe.nnx.MoE(D, F, E, router=RouterConfig.gpt_oss(k=2), activation=act, router_bias=True,
+                        expert_bias=True, rngs=nnx.Rngs(seed(rng)))
+    assert m.gate_up_bias[...].shape == (E, 2 * F) and m.down_bias[...].shape == (E, D)
+    assert not np.asarray(m.gate_up_bias[...]).any() and m.gate_bias is None
+    gub = jnp.asarray(rng.standard_normal((E, 2 * F)), jnp.float32)
+    db = jnp.asarray(rng.standard_normal((E, D)), jnp.float32)
+    m.gate_up_bias[...] = gub
+    m.down_bias[...] = db
+    m.quantize("MXFP4")
+    assert m.weights().formats() == {"gate_up": "MXFP4", "down": "MXFP4"}
+    assert m.gate_up_bias[...].dtype == jnp.float32
+    x = jnp.asarray(rng.standard_normal((5, D)), jnp.bfloat16)
+    out = run(m, x)
+    w = m.weights()
+    # under jit too: XLA's fused elementwise math may differ from op-by-op execution in an ulp
+    direct = jax.jit(lambda x: moe_block(x, w.router, w.gate_up, w.down, router=w.config,
+                                         router_bias=w.router_bias, activation=act, gate_up_bias=gub,
+                                         down_bias=db))(x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(direct, np.float32))
+    no_bias = moe_block(x, w.router, w.gate_up, w.down, router=w.config, router_bias=w.router_bias,
+                        activation=act)
+    assert np.abs(np.asarray(no_bias, np.float32) - np.asarray(out, np.float32)).max() > 0.1
+
+    # Linen from the same weights, and a biased block given only its down bias
+    lin, variables = jax_moe.linen.MoE.from_weights(w)
+    assert lin.use_expert_bias and variables["params"]["gate_up_bias"].shape == (E, 2 * F)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lin.apply)(variables, x), np.float32),
+                                  np.asarray(out, np.float32))
+    import dataclasses
+    only_down = dataclasses.replace(w, gate_up_bias=None)
+    m2 = jax_moe.nnx.MoE.from_weights(only_down)
+    assert not np.asarray(m2.gate_up_bias[...]).any()
+    direct2 = jax.jit(lambda x: moe_block(x, w.router, w.gate_up, w.down, router=w.config,
+                                          router_bias=w.router_bias, activation=act, down_bias=db))(x)
+    np.testing.assert_array_equal(np.asarray(run(m2, x), np.float32), np.asarray(direct2, np.float32))
+
+    # Linen init with separate gate/up kernels
+    lm = jax_moe.linen.MoE(D, F, E, router=2, use_expert_bias=True, fused_gate_up=False)
+    variables = lm.init(jax.random.key(seed(rng)), x)
+    params = variables["params"]
+    assert params["gate_bias"].shape == (E, F) and params["up_bias"].shape == (E, F)
+    assert params["down_bias"].shape == (E, D) and "gate_up_bias" not in params
+    # quantize moves the kernels and keeps the biases (float32 params)
+    params = dict(params, down_bias=jnp.asarray(rng.standard_normal((E, D)), jnp.float32))
+    qm, qv = lm.quantize(dict(variables, params=params), "MXFP4")
+    assert set(qv["params"]) >= {"gate_bias", "up_bias", "down_bias"} and "down" not in qv["params"]
+    np.testing.assert_array_equal(np.asarray(qv["params"]["down_bias"]), np.asarray(params["down_bias"]))
+    qw = qm.apply(qv, method=qm.weights)
+    assert qw.formats() == {"gate": "MXFP4", "up": "MXFP4", "down": "MXFP4"}
+    direct3 = jax.jit(lambda x: moe_block(x, qw.router, (qw.gate, qw.up), qw.down, router=qw.config,
+                                          gate_up_bias=(qw.gate_bias, qw.up_bias), down_bias=qw.down_bias))(x)
+    np.testing.assert_array_equal(np.asarray(jax.jit(qm.apply)(qv, x), np.float32), np.asarray(direct3, np.float32))

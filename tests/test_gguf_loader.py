@@ -39,6 +39,8 @@ def write(path, arch, tensors: dict, meta: dict):
             w.add_bool(key, value)
         elif isinstance(value, float):
             w.add_float32(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
         else:
             w.add_uint32(key, value)
     for name, t in tensors.items():
@@ -264,14 +266,24 @@ def test_bad_files(tmp_path, rng):
                "blk.0.ffn_gate_exps.weight": qbytes(experts(rng, E, F, D), "Q4_K"),
                "blk.0.ffn_up_exps.weight": qbytes(experts(rng, E, F, D), "Q4_K"),
                "blk.0.ffn_down_exps.weight": qbytes(experts(rng, E, D, F), "Q6_K"),
-               "blk.0.ffn_down_exps.bias": rng.standard_normal((E, D)).astype(np.float32)}
-    biased = write(tmp_path / "biased.gguf", "llama", tensors,
+               "blk.0.ffn_down_exps.scale": rng.standard_normal((E, D)).astype(np.float32)}
+    scaled = write(tmp_path / "scaled.gguf", "llama", tensors,
                    {"{arch}.expert_count": E, "{arch}.expert_used_count": 1})
-    assert jg.read_moe_config(biased).router == RouterConfig.mixtral(k=1)  # llama = Mixtral
-    with pytest.raises(ValueError, match=r"ffn_down_exps\.bias"):
-        jg.load_block_weights(biased, 0)
+    assert jg.read_moe_config(scaled).router == RouterConfig.mixtral(k=1)  # llama = Mixtral
+    with pytest.raises(ValueError, match=r"ffn_down_exps\.scale"):
+        jg.load_block_weights(scaled, 0)
+    del tensors["blk.0.ffn_down_exps.scale"]
+    tensors["blk.0.ffn_down_exps.bias"] = rng.standard_normal((E, D + 1)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"ffn_down_exps\.bias: expected \[2, 256\]"):
+        jg.load_block_weights(write(tmp_path / "bad_bias.gguf", "llama", tensors,
+                                    {"{arch}.expert_count": E, "{arch}.expert_used_count": 1}), 0)
+    del tensors["blk.0.ffn_down_exps.bias"]
+    tensors["blk.0.ffn_down_shexp.bias"] = rng.standard_normal(D).astype(np.float32)
+    with pytest.raises(ValueError, match=r"ffn_down_shexp\.bias"):
+        jg.load_block_weights(write(tmp_path / "shexp_bias.gguf", "llama", tensors,
+                                    {"{arch}.expert_count": E, "{arch}.expert_used_count": 1}), 0)
+    del tensors["blk.0.ffn_down_shexp.bias"]
     with pytest.warns(UserWarning, match="no routing defaults"):
-        del tensors["blk.0.ffn_down_exps.bias"]
         other = write(tmp_path / "other.gguf", "newarch", tensors,
                       {"{arch}.expert_count": E, "{arch}.expert_used_count": 1})
         jg.read_moe_config(other)
@@ -319,7 +331,7 @@ def test_legacy_per_expert_mixtral_tensors(tmp_path, rng):
         jg.load_block_weights(broken, 0)
 
 
-@pytest.mark.parametrize("arch,reason", [("gpt-oss", "clamped SwiGLU"), ("llama4", "before the FFN")])
+@pytest.mark.parametrize("arch,reason", [("llama4", "before the FFN")])
 def test_architectures_that_moe_ffn_does_not_implement(tmp_path, rng, arch, reason):
     E = 2
     tensors = {"blk.0.ffn_gate_inp.weight": rng.standard_normal((E, D)).astype(np.float32),

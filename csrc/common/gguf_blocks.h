@@ -19,6 +19,7 @@ enum class GGMLType : int32_t {
   Q5_K = 13,
   Q6_K = 14,
   BF16 = 30,
+  MXFP4 = 39,
 };
 
 // MoE kernel kinds (values are part of the ABI; mirrored by jax_moe.MoeKind).
@@ -30,6 +31,7 @@ enum class WeightLayout : int32_t { ENK = 0, EKN = 1 };
 constexpr int QK8_0 = 32;   // elements per Q8_0 block
 constexpr int QK_K = 256;   // elements per K-quant super-block
 constexpr int K_SCALE_SIZE = 12;
+constexpr int QK_MXFP4 = 32;  // elements per MXFP4 block
 
 // 8-bit: y = d * q.
 struct block_q8_0 {
@@ -84,6 +86,15 @@ struct block_q6_K {
 };
 static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
 
+// 4-bit microscaling float (OCP MX, gpt-oss's expert format): y = 2^(e - 128) * kvalue(q), the
+// kvalues being E2M1's values doubled. Element j is the low nibble of qs[j], element j + 16 the
+// high nibble (as in Q4_0).
+struct block_mxfp4 {
+  uint8_t e;                  // E8M0 shared exponent
+  uint8_t qs[QK_MXFP4 / 2];   // E2M1 codes: sign bit, 2 exponent bits, 1 mantissa bit
+};
+static_assert(sizeof(block_mxfp4) == 17, "MXFP4 block is 17 bytes");
+
 // Activations staged for SCALAR_GGUF: 32 values as int8 with one scale (DESIGN.md §4).
 // `d` is the f16-rounded scale held as f32 (the value the integer dot products use); `sum` is
 // the integer sum of the quants, for the formats with mins.
@@ -96,7 +107,8 @@ static_assert(sizeof(block_q8_1) == 40, "staged activation block is 40 bytes");
 
 // Elements and bytes per block of a quantized type; 0 for types this library does not run.
 constexpr int block_elems(GGMLType t) {
-  return t == GGMLType::Q8_0 ? QK8_0
+  return t == GGMLType::Q8_0    ? QK8_0
+         : t == GGMLType::MXFP4 ? QK_MXFP4
          : (t == GGMLType::Q2_K || t == GGMLType::Q3_K || t == GGMLType::Q4_K ||
             t == GGMLType::Q5_K || t == GGMLType::Q6_K)
              ? QK_K
@@ -111,6 +123,7 @@ constexpr int block_bytes(GGMLType t) {
     case GGMLType::Q4_K: return sizeof(block_q4_K);
     case GGMLType::Q5_K: return sizeof(block_q5_K);
     case GGMLType::Q6_K: return sizeof(block_q6_K);
+    case GGMLType::MXFP4: return sizeof(block_mxfp4);
     default: return 0;
   }
 }
@@ -128,6 +141,7 @@ inline const char* type_name(GGMLType t) {
     case GGMLType::Q4_K: return "Q4_K";
     case GGMLType::Q5_K: return "Q5_K";
     case GGMLType::Q6_K: return "Q6_K";
+    case GGMLType::MXFP4: return "MXFP4";
     default: return "unknown";
   }
 }

@@ -10,7 +10,7 @@
 //                    at multiples of their size in 16-byte-aligned rows); unpack8 gives ints
 //   scale_min(b, s, a, m)  the f32 scale a and min m of sub-block s
 // and element i decodes to  a * q_i - m  with a and m of sub-block i / SUB, computed
-// with unfused f32 operations. That expression is ggml's dequantization for each format, so
+// with unfused f32 operations (MXFP4: q_i is E2M1's value doubled, a = 2^(e - 128), m = 0). That expression is ggml's dequantization for each format, so
 // decoding is bit-exact with ggml and with gguf.quants; the integer dot products of SCALAR_GGUF
 // use the same quants and scales.
 #pragma once
@@ -182,6 +182,60 @@ struct Format<GGMLType::Q6_K> {
   }
 };
 
+// ggml's GGML_E8M0_TO_FP32_HALF: half of the E8M0 scale 2^(e - 127), i.e. 2^(e - 128), as the
+// f32 bit pattern ggml builds (e < 2 gives the subnormals 2^-128 and 2^-127).
+JM_HD float e8m0_half(uint8_t e) {
+  return bits_f32(e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23);
+}
+
+// __byte_perm(a, b, s) for selectors whose four nibbles are 0..7: byte n of the result is byte
+// (s >> 4n) & 7 of the eight bytes b:a (a is bytes 0..3). On the device one PRMT; on the host the
+// same selection, so the host tests run the device's algorithm.
+JM_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(a, b, s);
+#else
+  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * n)) & 7))) & 0xFF) << (8 * n);
+  return r;
+#endif
+}
+
+// Four packed E2M1 codes (one per byte, 0..15) to their values doubled as signed int8, ggml's
+// kvalues_mxfp4 {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, ..., -12}: the magnitude (code & 7) indexes the
+// 8-byte table {0, 1, 2, 3, 4, 6, 8, 12} with one byte permute, and the sign bit (code & 8)
+// negates its byte (0x80 - v has no borrow for v <= 12; flipping its top bit gives 256 - v).
+JM_HD uint32_t e2m1_4(uint32_t codes) {
+  const uint32_t s = codes | (codes >> 4);  // byte 0: c0 | c1 << 4; byte 2: c2 | c3 << 4
+  const uint32_t sel = ((s & 0xFFu) | ((s >> 8) & 0xFF00u)) & 0x7777u;
+  const uint32_t mag = byte_perm(0x03020100u, 0x0C080604u, sel);
+  const uint32_t neg = (0x80808080u - mag) ^ 0x80808080u;
+  const uint32_t sign = ((codes >> 3) & 0x01010101u) * 0xFFu;
+  return mag ^ ((mag ^ neg) & sign);
+}
+
+// Eight packed E2M1 codes (one per byte) to eight signed int8 kvalues.
+JM_HD uint64_t e2m1_bytes(uint64_t codes) {
+  return e2m1_4(static_cast<uint32_t>(codes)) | (static_cast<uint64_t>(e2m1_4(static_cast<uint32_t>(codes >> 32))) << 32);
+}
+
+template <>
+struct Format<GGMLType::MXFP4> {
+  using Block = block_mxfp4;
+  static constexpr GGMLType type = GGMLType::MXFP4;
+  static constexpr int QK = QK_MXFP4, SUB = 32;
+  static constexpr bool HAS_MIN = false;
+  // 17-byte blocks: no alignment beyond a byte.
+  static JM_HD uint64_t quant8(const Block& b, int i0) {
+    return e2m1_bytes((load8<1>(b.qs + (i0 & 15)) >> ((i0 & 16) ? 4 : 0)) & bytes8(0xF));
+  }
+  static JM_HD void scale_min(const Block& b, int, float& a, float& m) {
+    a = e8m0_half(b.e);
+    m = 0.0f;
+  }
+};
+
 // Decode elements i0 .. i0+7 (one aligned group inside one sub-block) given that sub-block's
 // scale and min: ggml's formula, unfused f32.
 template <class F>
@@ -215,6 +269,7 @@ inline bool dispatch_format(GGMLType t, Fn&& fn) {
     case GGMLType::Q4_K: fn(Format<GGMLType::Q4_K>{}); return true;
     case GGMLType::Q5_K: fn(Format<GGMLType::Q5_K>{}); return true;
     case GGMLType::Q6_K: fn(Format<GGMLType::Q6_K>{}); return true;
+    case GGMLType::MXFP4: fn(Format<GGMLType::MXFP4>{}); return true;
     default: return false;
   }
 }

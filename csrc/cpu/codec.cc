@@ -19,7 +19,7 @@ void check_sizes(const char* fn, GGMLType t, int64_t rows, int64_t k, const void
   const std::string where = std::string("jax_moe::") + fn + ": ";
   if (!is_quantized(t))
     throw std::invalid_argument(where + "type " + std::to_string(static_cast<int>(t)) +
-                                " is not one of Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K");
+                                " is not one of Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4");
   if (rows < 0 || k < 0)
     throw std::invalid_argument(where + "rows (" + std::to_string(rows) + ") and k (" + std::to_string(k) +
                                 ") must be >= 0");

@@ -1,6 +1,6 @@
 // Host quantizers for the GGUF block formats (DESIGN.md §3).
 //
-// Q8_0 reproduces ggml's reference quantizer (and gguf.quants.quantize) bit for bit. The
+// Q8_0 and MXFP4 reproduce gguf.quants.quantize (for Q8_0 also ggml's reference) bit for bit. The
 // K-quants work in three steps per super-block:
 //   1. fit a scale (and min) to every sub-block: unweighted least squares (the measure the
 //      quantizers are judged by) over a grid of candidate scales and level shifts, polished by
@@ -77,6 +77,52 @@ void quantize_q8_0(const float* x, block_q8_0& b) {
     id = 1.0f / kHalfMax;
   }
   for (int i = 0; i < QK8_0; ++i) b.qs[i] = static_cast<int8_t>(round_away_q8(x[i] * id));
+}
+
+// ------------------------------------------------------------------------------------------
+// MXFP4: gguf.quants' quantizer (gguf-py 0.19, MXFP4.quantize_blocks), bit for bit, on every
+// input (NaN and Inf included, as numpy computes them on x86):
+//   d = max|x| (NaN if any x is NaN);  e = uint8(floor(log2(d)) - 2 + 127) where d > 0, else 0;
+//   each x takes the first of the 16 kvalues q minimizing |e8m0_half(e) * q - x| in f32 (NaN
+//   errors count as the minimum, as numpy's argmin has it).
+// numpy's float32 log2 is correctly rounded at the powers of two (where floor() is decided), so
+// log2 runs in double and is rounded to float once; the float -> uint8 cast goes through int32 as
+// numpy's does on x86 (d < 2^-125 wraps around, d = Inf gives 0).
+
+constexpr int8_t kMxfp4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// Index of the first smallest |d * q - x| over the kvalues (the first NaN, if any).
+inline int mxfp4_nearest(float x, float d) {
+  int best = 0;
+  float best_err = INFINITY;
+  for (int c = 0; c < 16; ++c) {
+    const float err = std::fabs(d * static_cast<float>(kMxfp4Values[c]) - x);
+    if (err != err) return c;
+    if (c == 0 || err < best_err) {
+      best = c;
+      best_err = err;
+    }
+  }
+  return best;
+}
+
+void quantize_mxfp4(const float* x, block_mxfp4& b) {
+  float amax = 0.0f;
+  bool nan = false;
+  for (int i = 0; i < QK_MXFP4; ++i) {
+    const float a = std::fabs(x[i]);
+    if (a != a) nan = true;
+    amax = std::max(amax, a);
+  }
+  uint8_t e = 0;
+  if (!nan && amax > 0.0f) {
+    const float v = std::floor(static_cast<float>(std::log2(static_cast<double>(amax)))) - 2.0f + 127.0f;
+    e = std::isfinite(v) ? static_cast<uint8_t>(static_cast<int>(v)) : 0;  // v in [-24, 253]
+  }
+  b.e = e;
+  const float d = e8m0_half(e);
+  for (int j = 0; j < QK_MXFP4 / 2; ++j)
+    b.qs[j] = static_cast<uint8_t>(mxfp4_nearest(x[j], d) | (mxfp4_nearest(x[j + QK_MXFP4 / 2], d) << 4));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -483,6 +529,8 @@ void quantize_row(GGMLType t, const float* src, int64_t k, void* dst) {
     for (int64_t i = 0; i < nb; ++i) {
       if constexpr (F::type == GGMLType::Q8_0)
         quantize_q8_0(src + i * F::QK, blocks[i]);
+      else if constexpr (F::type == GGMLType::MXFP4)
+        quantize_mxfp4(src + i * F::QK, blocks[i]);
       else
         encode_block<F>(src + i * F::QK, blocks[i]);
     }

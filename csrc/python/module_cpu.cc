@@ -23,7 +23,7 @@ GGMLType checked_type(int qtype) {
   const auto t = static_cast<GGMLType>(qtype);
   if (!is_quantized(t))
     throw std::invalid_argument("qtype must be one of Q8_0 (8), Q2_K (10), Q3_K (11), Q4_K (12), "
-                                "Q5_K (13), Q6_K (14); got " + std::to_string(qtype));
+                                "Q5_K (13), Q6_K (14), MXFP4 (39); got " + std::to_string(qtype));
   return t;
 }
 

@@ -42,8 +42,8 @@ int g_checks = 0, g_failures = 0;
     }                                                                              \
   } while (0)
 
-constexpr GGMLType kFormats[] = {GGMLType::Q8_0, GGMLType::Q2_K, GGMLType::Q3_K,
-                                 GGMLType::Q4_K, GGMLType::Q5_K, GGMLType::Q6_K};
+constexpr GGMLType kFormats[] = {GGMLType::Q8_0, GGMLType::Q2_K, GGMLType::Q3_K, GGMLType::Q4_K,
+                                 GGMLType::Q5_K, GGMLType::Q6_K, GGMLType::MXFP4};
 constexpr int32_t kI32Min = std::numeric_limits<int32_t>::min();
 constexpr int32_t kI32Max = std::numeric_limits<int32_t>::max();
 
@@ -57,6 +57,7 @@ double rms_bound(GGMLType t) {
     case GGMLType::Q5_K: return 0.06;
     case GGMLType::Q4_K: return 0.12;
     case GGMLType::Q3_K: return 0.25;
+    case GGMLType::MXFP4: return 0.15;
     default: return 0.4;
   }
 }
@@ -181,6 +182,36 @@ void test_bad_arguments() {
     dequantize_rows(t, nullptr, 3, 0, nullptr);
   }
   for (uint8_t b : q) CHECK(b == 0xAB, "a rejected call wrote to its output");
+}
+
+// MXFP4's integer view: every code through quant8 is ggml's kvalues_mxfp4, element j in the low
+// nibble of qs[j] and element j + 16 in the high one; scale 2^(e - 128) for every exponent.
+void test_mxfp4_trait(std::mt19937_64& gen) {
+  using F = Format<GGMLType::MXFP4>;
+  const int kvalues[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  std::uniform_int_distribution<int> code(0, 15);
+  for (int trial = 0; trial < 64; ++trial) {
+    block_mxfp4 b;
+    int c[QK_MXFP4];
+    for (int& v : c) v = code(gen);
+    if (trial < 16)
+      for (int j = 0; j < QK_MXFP4; ++j) c[j] = (j + trial) % 16;  // every code at every position
+    b.e = static_cast<uint8_t>(trial * 4 + 1);
+    for (int j = 0; j < QK_MXFP4 / 2; ++j) b.qs[j] = static_cast<uint8_t>(c[j] | (c[j + 16] << 4));
+    for (int i0 = 0; i0 < QK_MXFP4; i0 += 8) {
+      int q[8];
+      unpack8(F::quant8(b, i0), q);
+      for (int t = 0; t < 8; ++t)
+        CHECK(q[t] == kvalues[c[i0 + t]], "MXFP4 element %d: code %d gives %d", i0 + t, c[i0 + t], q[t]);
+    }
+  }
+  for (int e = 0; e < 256; ++e) {
+    block_mxfp4 b{};
+    b.e = static_cast<uint8_t>(e);
+    float a, m;
+    F::scale_min(b, 0, a, m);
+    CHECK(a == std::ldexp(1.0f, e - 128) && m == 0.0f, "MXFP4 e=%d: scale %g", e, a);
+  }
 }
 
 // -- SCALAR_GGUF staging and integer dot products --------------------------------------------
@@ -423,6 +454,7 @@ int main() {
       {"hostile_values", test_hostile_values},
       {"random_bytes", test_random_bytes},
       {"bad_arguments", [](std::mt19937_64&) { test_bad_arguments(); }},
+      {"mxfp4_trait", test_mxfp4_trait},
       {"q8_1", test_q8_1},
       {"moe_forward_cpu", test_moe_forward_cpu},
       {"moe_cpu_chunked", test_moe_forward_cpu_chunked},
