@@ -105,7 +105,8 @@ def test_mxfp4_decode_every_exponent_and_code(rng):
 def test_mxfp4_quantize_bit_exact_with_gguf(rng):
     """Both ways with gguf.quants: random rows at many scales, all-zero blocks, exact ties between
     two levels, block maxima at and just below powers of two (where floor(log2) is decided),
-    tiny (subnormal) and huge values, NaN and Inf."""
+    tiny (subnormal) and huge values; NaN and Inf through the C++ codec (quantize itself rejects
+    them)."""
     x = rng.standard_normal((3, 40, 32 * 8)).astype(np.float32)
     x *= (10.0 ** rng.uniform(-30, 30, size=(3, 40, 1))).astype(np.float32)
     blocks = x.reshape(-1, 32)
@@ -120,12 +121,20 @@ def test_mxfp4_quantize_bit_exact_with_gguf(rng):
     blocks[41:101, 5] = np.nextafter(p, np.float32(0))  # a maximum just below a power of two
     blocks[101:111] = rng.standard_normal((10, 32)).astype(np.float32) * np.float32(1e-40)
     blocks[111:121] = rng.standard_normal((10, 32)).astype(np.float32) * np.float32(3e37)
-    for v, row in ((np.nan, 121), (np.inf, 122), (-np.inf, 123), (np.finfo(np.float32).max, 124)):
-        blocks[row, int(rng.integers(0, 32))] = v
+    blocks[124, int(rng.integers(0, 32))] = np.finfo(np.float32).max
     ours = np.asarray(quantize(x, "MXFP4").data).reshape(-1, 17)
     with np.errstate(all="ignore"):
         oracle = gguf.quants.quantize(blocks, gguf.GGMLQuantizationType.MXFP4)
     np.testing.assert_array_equal(ours, oracle)
+    special = x.copy()
+    for v, row in ((np.nan, 121), (np.inf, 122), (-np.inf, 123)):
+        special.reshape(-1, 32)[row, int(rng.integers(0, 32))] = v
+    with pytest.raises(ValueError, match="finite values only"):
+        quantize(special, "MXFP4")
+    codec = jax_moe._ext.cpu.quantize(special.reshape(-1, special.shape[-1]), int(GGMLType.MXFP4))
+    with np.errstate(all="ignore"):
+        oracle_special = gguf.quants.quantize(special.reshape(-1, 32), gguf.GGMLQuantizationType.MXFP4)
+    np.testing.assert_array_equal(codec.reshape(-1, 17), oracle_special)
     back = dequantize(QuantizedExperts(ours.reshape(3, 40, 8 * 17), "MXFP4", x.shape))
     np.testing.assert_array_equal(back.view(np.uint32), gguf_decode(oracle.reshape(3, 40, 8 * 17), "MXFP4", 256).view(np.uint32))
 

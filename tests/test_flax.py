@@ -228,7 +228,7 @@ def test_expert_biases_in_nnx_and_linen(rng):
 
     # Linen from the same weights, and a biased block given only its down bias
     lin, variables = jax_moe.linen.MoE.from_weights(w)
-    assert lin.use_expert_bias and variables["params"]["gate_up_bias"].shape == (E, 2 * F)
+    assert lin.use_expert_bias and variables["experts"]["gate_up_bias"].shape == (E, 2 * F)
     np.testing.assert_array_equal(np.asarray(jax.jit(lin.apply)(variables, x), np.float32),
                                   np.asarray(out, np.float32))
     import dataclasses
@@ -242,14 +242,15 @@ def test_expert_biases_in_nnx_and_linen(rng):
     # Linen init with separate gate/up kernels
     lm = jax_moe.linen.MoE(D, F, E, router=2, use_expert_bias=True, fused_gate_up=False)
     variables = lm.init(jax.random.key(seed(rng)), x)
-    params = variables["params"]
+    params = variables["experts"]  # inference-only state beside the expert kernels
     assert params["gate_bias"].shape == (E, F) and params["up_bias"].shape == (E, F)
     assert params["down_bias"].shape == (E, D) and "gate_up_bias" not in params
-    # quantize moves the kernels and keeps the biases (float32 params)
+    assert "params" not in variables
+    # quantize moves the kernels and keeps the biases (float32)
     params = dict(params, down_bias=jnp.asarray(rng.standard_normal((E, D)), jnp.float32))
-    qm, qv = lm.quantize(dict(variables, params=params), "MXFP4")
-    assert set(qv["params"]) >= {"gate_bias", "up_bias", "down_bias"} and "down" not in qv["params"]
-    np.testing.assert_array_equal(np.asarray(qv["params"]["down_bias"]), np.asarray(params["down_bias"]))
+    qm, qv = lm.quantize(dict(variables, experts=params), "MXFP4")
+    assert set(qv["experts"]) >= {"gate_bias", "up_bias", "down_bias"} and "down" not in qv["experts"]
+    np.testing.assert_array_equal(np.asarray(qv["experts"]["down_bias"]), np.asarray(params["down_bias"]))
     qw = qm.apply(qv, method=qm.weights)
     assert qw.formats() == {"gate": "MXFP4", "up": "MXFP4", "down": "MXFP4"}
     direct3 = jax.jit(lambda x: moe_block(x, qw.router, (qw.gate, qw.up), qw.down, router=qw.config,
