@@ -27,8 +27,8 @@ def _gguf_rel_rms(fmt: str, x: np.ndarray) -> float:
 
 
 def _reference_rms(fmt: str, x: np.ndarray) -> float:
-    """The error a format's reference quantizer reaches on N(0,1) rows: DESIGN.md's numbers, or
-    (MXFP4, which DESIGN.md lists none for) gguf's quantizer measured on x itself."""
+    """The error a format's reference quantizer reaches on N(0,1) rows: the contract's numbers
+    (GGML_RMS), or (MXFP4, which it lists none for) gguf's quantizer measured on x itself."""
     return GGML_RMS[fmt] if fmt in GGML_RMS else _gguf_rel_rms(fmt, x)
 
 

@@ -500,7 +500,7 @@ def expected_experts(t) -> tuple:
     dense values as stored, other formats decoded by gguf.quants)."""
     shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
     qt = QT(int(t.tensor_type))
-    if qt.name in ("Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    if qt.name in ("Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"):
         return qt.name, shape, np.asarray(t.data).reshape(shape[0], shape[1], -1)
     if qt == QT.BF16:
         values = np.asarray(t.data).view(ml_dtypes.bfloat16)

@@ -37,7 +37,7 @@ from reference import BLOCKS, FORMATS, random_blocks  # noqa: E402
 from test_properties import Problem, bits, check_against_reference  # noqa: E402
 
 BF16 = jnp.bfloat16
-GGML = {"Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+GGML = {"Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
 Q8_0_LIMIT = np.float32(8321040.0)  # 65520 * 127: the first block maximum whose scale is fp16 inf
 
 
@@ -321,7 +321,7 @@ def random_call(rng) -> dict:
         else:
             key = ["kind", "wtype", "layout", "reduce"][int(rng.integers(4))]
             c[key] = {"kind": [-1, 0, 1, 2, 3, 2**31 - 1][int(rng.integers(6))],
-                      "wtype": [0, 1, 8, 9, 10, 11, 12, 13, 14, 15, 30, -1][int(rng.integers(12))],
+                      "wtype": [0, 1, 8, 9, 10, 11, 12, 13, 14, 15, 30, 38, 39, 40, -1][int(rng.integers(15))],
                       "layout": [-1, 0, 1, 2][int(rng.integers(4))], "reduce": not c["reduce"]}[key]
     return c
 
