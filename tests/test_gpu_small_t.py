@@ -52,7 +52,7 @@ def test_dense_small_t_gemv(rng, T, k, E, N, K, invalid, dtype, reduce, x_rank):
 def test_gguf_mma_gemv(rng, T, k, E, N, K, invalid, fmt, dtype, reduce, x_rank):
     case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=reduce, x_rank=x_rank,
                      T=T, k=k, E=E, N=N, K=K, invalid_ids=invalid)
-    assert _plan(MoeKind.WMMA_GGUF, case, reduce) == "token_gemv"
+    assert _plan(MoeKind.WMMA_GGUF, case, reduce) == "mma_gemv"
     check(gpu_run(case, reduce=reduce), case)
 
 
@@ -67,7 +67,7 @@ def test_gguf_mma_gemv_rounds_each_weight_once(rng):
             x = np.zeros((1, K), np.float32)
             x[0, i] = 1.0
             unit = Case(jnp.asarray(x, jnp.bfloat16), case.ids, case.w, None, case.ref, "float32")
-            assert _plan(MoeKind.WMMA_GGUF, unit, False) == "token_gemv"
+            assert _plan(MoeKind.WMMA_GGUF, unit, False) == "mma_gemv"
             out = np.asarray(gpu_run(unit, reduce=False)).reshape(-1)
             dec = gguf_decode(np.asarray(case.w.data), fmt, K)[0, :, i]
             want = np.asarray(jnp.asarray(dec, jnp.bfloat16).astype(jnp.float32))

@@ -26,11 +26,13 @@ __device__ __forceinline__ uint32_t round2(float a, float b) {
   }
 }
 
-// Elements i0 .. i0+7 (i0 % 8 == 0, inside one sub-block with scale a and min m) of block b:
-// a * q - m in unfused f32, rounded once to D, as 8 packed 16-bit values.
+// Eight packed int8 quants q (F::quant8 of elements i0 .. i0+7 of one sub-block, scale a, min m)
+// decoded and rounded once to D, as 8 packed 16-bit values: a * q - m of ggml's formulas. For the
+// formats with mins (Q2_K, Q4_K, Q5_K) a * q is exact in f32 (a = d * sc has at most 11 + 6
+// significant bits, q at most 5), so fma(a, q, -m) rounds a * q - m once, exactly as the unfused
+// f32 expression of the CPU codec does.
 template <class F, DType D>
-__device__ __forceinline__ uint4 decode8_rounded(const typename F::Block& b, int i0, float a, float m) {
-  const uint64_t q = F::quant8(b, i0);
+__device__ __forceinline__ uint4 decode_quants8(uint64_t q, float a, float m) {
   // Bias each signed byte by 128 (flip its top bit); 0x4B0000bb is then the float 2^23 + q + 128.
   const uint32_t lo = static_cast<uint32_t>(q) ^ 0x80808080u, hi = static_cast<uint32_t>(q >> 32) ^ 0x80808080u;
   float v[8];
@@ -38,10 +40,16 @@ __device__ __forceinline__ uint4 decode8_rounded(const typename F::Block& b, int
   for (int t = 0; t < 8; ++t) {
     const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
     const float qf = __fsub_rn(__uint_as_float(bits), 8388736.0f);  // exact: q
-    const float av = __fmul_rn(a, qf);
-    v[t] = F::HAS_MIN ? __fsub_rn(av, m) : av;
+    v[t] = F::HAS_MIN ? __fmaf_rn(a, qf, -m) : __fmul_rn(a, qf);
   }
   return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
+}
+
+// Elements i0 .. i0+7 (i0 % 8 == 0, inside one sub-block with scale a and min m) of block b,
+// decoded and rounded once to D.
+template <class F, DType D>
+__device__ __forceinline__ uint4 decode8_rounded(const typename F::Block& b, int i0, float a, float m) {
+  return decode_quants8<F, D>(F::quant8(b, i0), a, m);
 }
 
 }  // namespace jax_moe

@@ -77,7 +77,8 @@ std::string moe_forward_cuda(const MoeProblem& p, const MoeBuffers& b, const Cud
     return "scratch buffer of " + std::to_string(scratch_bytes) + " bytes is smaller than the " +
            std::to_string(s.total) + " this call needs";
   if (p.kind == MoeKind::SCALAR_GGUF) return launch_scalar_gguf(p, b, scratch, s, stream);
-  if (!plan.grouped()) return launch_small_t(p, b, stream);
+  if (plan.kernel == CudaKernel::kMmaGemv) return launch_mma_gguf(p, b, stream);
+  if (plan.kernel == CudaKernel::kTokenGemv) return launch_small_t(p, b, stream);
   return launch_grouped(p, b, plan, scratch, s, stream);
 }
 

@@ -25,6 +25,9 @@ std::string launch_scalar_gguf(const MoeProblem& p, const MoeBuffers& b, uint8_t
 // the plan says so).
 std::string launch_small_t(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 
+// mma_gguf.cu: WMMA_GGUF through the tensor-core GEMV (mma_gemv.cuh), where the plan says so.
+std::string launch_mma_gguf(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
+
 // forward.cu: what the current device and this build allow; whether x and w allow 16-byte pieces.
 CudaDevice current_device();
 bool aligned16(const MoeBuffers& b);

@@ -33,9 +33,7 @@ namespace jax_moe {
 
 constexpr int kMmaRows = 16;         // weight rows per warp tile (the mma's m)
 constexpr int kMmaPass = 8;          // pairs per mma pass (the mma's n)
-constexpr int kMmaChunk = 256;       // K granule: K % 256 == 0 (the K-quants' block)
-constexpr int kMmaMaxPairs = 512;    // pairs per call the kernel takes
-constexpr int kMmaMaxE = 4096;       // experts the shared bitmap covers
+// kMmaChunk, kMmaMaxPairs, kMmaMaxE and mma_gemv_fits: plan.h, which decides where this runs.
 constexpr int kMmaMaxWarps = 8;
 constexpr int kMmaPartialBytes = 32 * 1024;  // shared memory for the partial dots
 
@@ -491,18 +489,13 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, 2) mma_gemv_kernel(MmaGemvA
 // Whether mma_gemv serves problem p on a device of compute capability cc_major (x and w 16-byte
 // aligned: aligned16). GGUF experts only: for dense experts the token GEMV (token_gemv.cuh) was
 // faster at T = 1 (benchmarks/NOTES.md, v16), and the GEMM beyond.
-inline bool mma_gemv_fits(const MoeProblem& p, int cc_major, bool aligned16) {
-  if (cc_major < 8 || !aligned16 || p.K % kMmaChunk != 0 || p.layout != WeightLayout::ENK) return false;
-  if (p.pairs() > kMmaMaxPairs || p.E > kMmaMaxE || p.pairs() == 0) return false;
-  return p.kind == MoeKind::WMMA_GGUF && is_quantized(p.wtype) && kMmaChunk % block_elems(p.wtype) == 0;
-}
 
-// Host entry points (mma_gemv_fits(p) holds): GGUF experts (mma_gguf.cu), of which Q4_K, Q5_K,
+// Host entry points (plan.h: mma_gemv_fits holds): GGUF experts (mma_gguf.cu), of which Q4_K, Q5_K,
 // Q8_0 and Q6_K from whole-block loads (mma_gguf_wide.cu).
 std::string launch_mma_gguf(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 std::string launch_mma_gguf_wide(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 
-// Launch mma_gemv_kernel<Tile, D> for problem p (mma_gemv_fits(p) holds).
+// Launch mma_gemv_kernel<Tile, D> for problem p (plan.h: mma_gemv_fits holds).
 template <class Tile, DType D>
 std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
   if (p.N == 0) return {};

@@ -21,6 +21,7 @@ struct CudaDevice {
 
 enum class CudaKernel : int32_t {
   kTokenGemv,     // few pairs per expert: a warp per (token, row), all three kinds
+  kMmaGemv,       // few pairs per expert, GGUF experts: rows decoded once per 8 pairs, mma.sync (mma_gemv.cuh)
   kWgmma,         // Hopper grouped GEMM on wgmma, dense experts
   kWgmmaGguf,     // Hopper grouped GEMM on wgmma, GGUF blocks decoded in shared memory
   kWmma,          // grouped WMMA GEMM (any tensor-core GPU, either layout, GGUF decoded in registers)
@@ -34,24 +35,33 @@ struct CudaPlan {
   CudaKernel kernel = CudaKernel::kTokenGemv;
   GemmTile tile = GemmTile::kNone;
   int tile_m = 0;  // pairs per M tile (the grouping's tile height), 0 for the GEMV
-  bool grouped() const { return kernel != CudaKernel::kTokenGemv; }
+  bool grouped() const { return kernel != CudaKernel::kTokenGemv && kernel != CudaKernel::kMmaGemv; }
 };
 
-// Pairs per expert up to which the GEMV serves (its re-reads of the weights cost less than
-// the GEMM's tiles there). GGUF experts where the tensor-core GEMV fits (mma_gemv.cuh: K a
-// multiple of 256, at most 512 pairs; small_t.cu picks it) have each expert's rows read and
-// decoded once per 8 of its pairs, and it serves up to kMmaGemvPairsPerExpert pairs per expert
-// on average (one mma pass; benchmarks/NOTES.md); elsewhere (dense experts too) the token GEMV
-// re-reads an expert for every pair.
+// Where the tensor-core GEMV of GGUF experts (mma_gemv.cuh) runs: tensor cores with mma.sync
+// (sm_80+), 16-byte-aligned x and w, [E, N, K] weights, K a multiple of its 256-element granule,
+// at most kMmaMaxPairs pairs and kMmaMaxE experts, formats whose blocks tile 256.
+constexpr int kMmaChunk = 256;     // K granule: K % 256 == 0 (the K-quants' block)
+constexpr int kMmaMaxPairs = 512;  // pairs per call the kernel takes
+constexpr int kMmaMaxE = 4096;     // experts the kernel's shared bitmap covers
+inline bool mma_gemv_fits(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
+  if (d.cc_major < 8 || !aligned16 || p.K % kMmaChunk != 0 || p.layout != WeightLayout::ENK) return false;
+  if (p.pairs() > kMmaMaxPairs || p.E > kMmaMaxE || p.pairs() == 0) return false;
+  return p.kind == MoeKind::WMMA_GGUF && is_quantized(p.wtype) && kMmaChunk % block_elems(p.wtype) == 0;
+}
+
+// Pairs per expert up to which a GEMV serves rather than the grouped GEMM. The tensor-core GEMV
+// reads and decodes each routed expert's rows once per 8 of its pairs, and serves up to
+// kMmaGemvPairsPerExpert pairs per expert on average (one mma pass; benchmarks/NOTES.md); the
+// token GEMV (dense experts, and GGUF where the mma GEMV does not fit) re-reads an expert for
+// every pair: up to 2 pairs per expert, 1 on Hopper, whose wgmma GEMM streams the weights fast.
 constexpr int64_t kMmaGemvPairsPerExpert = 8;
-inline bool token_gemv_serves(const MoeProblem& p, const CudaDevice& d) {
-  if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the GEMV
-  if (p.layout != WeightLayout::ENK) return false;  // the GEMV needs rows contiguous along K
+inline bool gemv_serves(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
+  if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the token GEMV
+  if (p.layout != WeightLayout::ENK) return false;  // the GEMVs need rows contiguous along K
   if (p.T <= 4) return true;
-  const bool mma = p.kind == MoeKind::WMMA_GGUF && d.cc_major >= 8 && p.K % 256 == 0 && p.pairs() <= 512 &&
-                   is_quantized(p.wtype) && 256 % block_elems(p.wtype) == 0;
-  if (!mma) return p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
-  return p.pairs() <= kMmaGemvPairsPerExpert * p.E;
+  if (mma_gemv_fits(p, d, aligned16)) return p.pairs() <= kMmaGemvPairsPerExpert * p.E;
+  return p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
 }
 
 // Tile choices of the Hopper kernels.
@@ -88,7 +98,10 @@ inline int64_t max_m_tiles(const MoeProblem& p, int bm) {
 // pieces are aligned (always so for XLA's buffers; checked by the launch).
 inline CudaPlan plan_call(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
   CudaPlan plan;
-  if (token_gemv_serves(p, d)) return plan;
+  if (gemv_serves(p, d, aligned16)) {
+    plan.kernel = mma_gemv_fits(p, d, aligned16) ? CudaKernel::kMmaGemv : CudaKernel::kTokenGemv;
+    return plan;
+  }
   const bool wide = p.pairs() >= kWidePairsPerExpert * (p.E > 1 ? p.E : 1);
   const bool hopper = d.hopper() && aligned16 && p.K % 8 == 0 && p.layout == WeightLayout::ENK;
   if (hopper && p.kind == MoeKind::WMMA_GGUF) {
@@ -109,6 +122,7 @@ inline CudaPlan plan_call(const MoeProblem& p, const CudaDevice& d, bool aligned
 
 inline std::string describe(const CudaPlan& plan) {
   const char* kernel = plan.kernel == CudaKernel::kTokenGemv  ? "token_gemv"
+                       : plan.kernel == CudaKernel::kMmaGemv  ? "mma_gemv"
                        : plan.kernel == CudaKernel::kWgmma    ? "grouped_wgmma"
                        : plan.kernel == CudaKernel::kWgmmaGguf ? "grouped_wgmma_gguf"
                                                                : "grouped_wmma";

@@ -51,15 +51,21 @@ inline ScratchLayout scratch_layout(const MoeProblem& p, const CudaPlan& plan) {
   return s;
 }
 
-// Scratch the lowering allocates, before it knows which GPU runs the call: enough for the plan of
-// either device class (Hopper with wgmma, or any other).
+// Scratch the lowering allocates, before it knows which GPU runs the call and where its buffers
+// start: enough for the plan of any device class (Hopper with wgmma, a tensor-core GPU without
+// it, or neither) and either alignment.
 inline size_t scratch_bytes_any_device(const MoeProblem& p) {
-  CudaDevice hopper;
+  CudaDevice hopper, ampere, other;
   hopper.cc_major = 9;
   hopper.sm90a_build = true;
-  const size_t a = scratch_layout(p, plan_call(p, hopper, true)).total;
-  const size_t b = scratch_layout(p, plan_call(p, CudaDevice{}, true)).total;
-  return a > b ? a : b;
+  ampere.cc_major = 8;
+  size_t most = 0;
+  for (const CudaDevice& d : {hopper, ampere, other})
+    for (bool aligned : {true, false}) {
+      const size_t n = scratch_layout(p, plan_call(p, d, aligned)).total;
+      most = n > most ? n : most;
+    }
+  return most;
 }
 
 }  // namespace jax_moe

@@ -1,22 +1,16 @@
-// WMMA and WMMA_GGUF at small T. GGUF experts where it fits (mma_gemv_fits: sm_80+, K a multiple
-// of 256, up to 512 pairs): the tensor-core GEMV of mma_gemv.cuh, which reads and decodes each
-// routed expert's rows once for up to 8 of its pairs; else the token GEMV (token_gemv.cuh). Same
-// numerical contract as the tensor-core GEMM (weights as stored or decoded and rounded once to
-// x's dtype, f32 accumulation).
+// WMMA and WMMA_GGUF at small T through the token GEMV (token_gemv.cuh), where the plan says so
+// (GGUF experts that fit it take the tensor-core GEMV of mma_gemv.cuh instead). Same numerical
+// contract as the tensor-core GEMM (weights as stored or decoded and rounded once to x's dtype,
+// f32 accumulation).
 #include <cstdint>
 
 #include "common.cuh"
 #include "kernels.h"
-#include "mma_gemv.cuh"
 #include "token_gemv.cuh"
 
 namespace jax_moe {
 
 std::string launch_small_t(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
-  const bool aligned = reinterpret_cast<uintptr_t>(b.x) % 16 == 0 && reinterpret_cast<uintptr_t>(b.w) % 16 == 0;
-  if (mma_gemv_fits(p, current_device().cc_major, aligned)) {
-    return launch_mma_gguf(p, b, stream);
-  }
   const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(b.x) % 16 == 0 &&
                    (p.kind == MoeKind::WMMA_GGUF || reinterpret_cast<uintptr_t>(b.w) % 16 == 0);
   std::string err;

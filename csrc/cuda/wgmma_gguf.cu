@@ -118,23 +118,6 @@ __device__ __forceinline__ void scale_min_nb(const typename F::Block& b, int s, 
   }
 }
 
-// Eight quants q (F::quant8: elements i0 .. i0+7 of one sub-block, scale a, min m) decoded and
-// rounded once to D, packed. Equal to decode8_rounded: for the formats with mins (Q2_K, Q4_K,
-// Q5_K) a * q is exact in f32 (a = d * sc has at most 11 + 6 significant bits, q at most 5), so
-// fma(a, q, -m) rounds a * q - m once, as the unfused expression does.
-template <class F, DType D>
-__device__ __forceinline__ uint4 round8(uint64_t q, float a, float m) {
-  const uint32_t lo = static_cast<uint32_t>(q) ^ 0x80808080u, hi = static_cast<uint32_t>(q >> 32) ^ 0x80808080u;
-  float v[8];
-#pragma unroll
-  for (int t = 0; t < 8; ++t) {
-    const uint32_t bits = __byte_perm(t < 4 ? lo : hi, 0x4B000000u, 0x7540u | (t & 3));
-    const float qf = __fsub_rn(__uint_as_float(bits), 8388736.0f);  // exact: q
-    v[t] = F::HAS_MIN ? __fmaf_rn(a, qf, -m) : __fmul_rn(a, qf);
-  }
-  return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
-}
-
 template <class F, DType D, class C>
 __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -227,7 +210,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
       }
 #pragma unroll
       for (int p = 0; p < C::DP; ++p) {
-        const uint4 v = round8<F, D>(q[p], sc[p / PPS], mn[p / PPS]);
+        const uint4 v = decode_quants8<F, D>(q[p], sc[p / PPS], mn[p / PPS]);
         const bool live = row_in && k_first + 8 * p < a.K;
         *reinterpret_cast<uint4*>(bt + swizzled(wrow, half * C::DP + p)) = live ? v : make_uint4(0, 0, 0, 0);
       }
