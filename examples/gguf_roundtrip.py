@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB): {cfg.arch}, "
               f"{cfg.expert_count} experts, k={cfg.expert_used_count}, router {cfg.router}")
 
-        blocks = jax_moe.gguf.load_blocks(path)  # {block: jax_moe.nnx.MoE}, progress bar
+        blocks = jax_moe.nnx.load_blocks(path)  # {block: jax_moe.nnx.MoE}, progress bar
         reader = gguf.GGUFReader(path)
         x = jax.random.normal(jax.random.key(args.seed), (args.tokens, cfg.embedding_length))
         x = x.astype(jnp.bfloat16)

@@ -5,8 +5,9 @@
     import jax_moe.gguf
 
     cfg = jax_moe.gguf.read_moe_config("Qwen3-30B-A3B-Q4_K_M.gguf")  # E, k, routing, MoE blocks
-    moe = jax_moe.gguf.load_nnx("Qwen3-30B-A3B-Q4_K_M.gguf", block=0)  # a jax_moe.nnx.MoE
-    blocks = jax_moe.gguf.load_blocks("Qwen3-30B-A3B-Q4_K_M.gguf")     # {block: MoE}, with a progress bar
+    w = jax_moe.gguf.load_block_weights("Qwen3-30B-A3B-Q4_K_M.gguf", 0)  # a jax_moe.ffn.MoEWeights
+    blocks = jax_moe.gguf.load_blocks("Qwen3-30B-A3B-Q4_K_M.gguf")       # {block: MoEWeights}, progress bar
+    moe = jax_moe.nnx.MoE.from_gguf("Qwen3-30B-A3B-Q4_K_M.gguf", 0)      # the modules build themselves
 
 GGUF files are untrusted input. jax_moe reads a path itself (not with ``gguf.GGUFReader``): the
 header is walked once in the memory-mapped file with every count, length and offset checked
@@ -78,8 +79,6 @@ __all__ = [
     "GGUFMoEConfig",
     "load_block_weights",
     "load_blocks",
-    "load_linen",
-    "load_nnx",
     "read_moe_config",
 ]
 
@@ -922,42 +921,21 @@ def load_block_weights(
         config=cfg.router, activation=activation_fn, weight_layout="enk", **biases, **shared)
 
 
-def load_nnx(source: str | os.PathLike | _gguf.GGUFReader, block: int, *, dtype: Any = jnp.bfloat16,
-             **kwargs: Any):
-    """Block ``block`` as a :class:`jax_moe.nnx.MoE` computing in ``dtype`` (bfloat16/float16,
-    or float32 with quantized experts). ``kwargs`` go to :func:`load_block_weights`."""
-    from .nnx import MoE
-
-    return MoE.from_weights(load_block_weights(source, block, **kwargs), dtype=dtype)
-
-
-def load_linen(source: str | os.PathLike | _gguf.GGUFReader, block: int, *, dtype: Any = jnp.bfloat16,
-               **kwargs: Any):
-    """Block ``block`` as ``(jax_moe.linen.MoE, variables)``; see :func:`load_nnx`."""
-    from .linen import MoE
-
-    return MoE.from_weights(load_block_weights(source, block, **kwargs), dtype=dtype)
-
-
 def load_blocks(
     source: str | os.PathLike | _gguf.GGUFReader,
     blocks: Iterable[int] | None = None,
     *,
-    framework: str = "nnx",
-    dtype: Any = jnp.bfloat16,
     progress: bool | None = None,
     **kwargs: Any,
-) -> dict[int, Any]:
-    """Load many MoE blocks: ``{block: module}`` (``framework="nnx"``), ``{block: (module,
-    variables)}`` (``"linen"``) or ``{block: MoEWeights}`` (``"weights"``).
+) -> dict[int, MoEWeights]:
+    """Load many MoE blocks as ``{block: MoEWeights}``; the Flax modules build themselves from
+    these (``jax_moe.nnx.load_blocks``, ``jax_moe.linen.load_blocks``).
 
     Args:
       blocks: block indices (default: every block with expert tensors).
       progress: show a tqdm progress bar (default: when loading more than one block).
       kwargs: passed to :func:`load_block_weights`.
     """
-    if framework not in ("nnx", "linen", "weights"):
-        raise ValueError(f'framework must be "nnx", "linen" or "weights"; got {framework!r}')
     reader = _reader(source)
     cfg = read_moe_config(reader, router=kwargs.pop("router", None),
                           activation=kwargs.pop("activation", None))
@@ -973,17 +951,4 @@ def load_blocks(
             warnings.warn("jax_moe.gguf: install tqdm for a progress bar", stacklevel=2)
         else:
             it = tqdm(blocks, desc=f"loading {cfg.arch} MoE blocks", unit="block")
-    out: dict[int, Any] = {}
-    for b in it:
-        w = load_block_weights(reader, b, _index=index, _config=cfg, **kwargs)
-        if framework == "weights":
-            out[b] = w
-        elif framework == "nnx":
-            from .nnx import MoE as NnxMoE
-
-            out[b] = NnxMoE.from_weights(w, dtype=dtype)
-        else:
-            from .linen import MoE as LinenMoE
-
-            out[b] = LinenMoE.from_weights(w, dtype=dtype)
-    return out
+    return {b: load_block_weights(reader, b, _index=index, _config=cfg, **kwargs) for b in it}

@@ -43,7 +43,7 @@ from .kinds import (DENSE_DTYPES, GGMLType, WeightLayout, as_kind, as_qtype,  # 
                     expert_qtypes, row_bytes)
 from .routing import RouterConfig  # noqa: E402
 
-__all__ = ["MoE", "BUFFERS", "EXPERTS", "QUANTIZED", "ROUTER"]
+__all__ = ["MoE", "BUFFERS", "EXPERTS", "QUANTIZED", "ROUTER", "load_blocks"]
 
 #: The collection holding dense expert kernels (and the shared expert's gate).
 EXPERTS = "experts"
@@ -277,3 +277,22 @@ class MoE(nn.Module):
         if buffers:
             variables[BUFFERS] = buffers
         return module, variables
+
+    @classmethod
+    def from_gguf(cls, path: str, block: int, *, dtype: Any = jnp.bfloat16,
+                  **kwargs: Any) -> tuple[MoE, dict]:
+        """``(module, variables)`` of block ``block`` of a GGUF checkpoint (see
+        ``jax_moe.gguf.load_block_weights`` for ``kwargs``). Requires the ``gguf`` package."""
+        from . import gguf as _gguf
+
+        return cls.from_weights(_gguf.load_block_weights(path, block, **kwargs), dtype=dtype)
+
+
+def load_blocks(path: str, blocks: Any = None, *, dtype: Any = jnp.bfloat16, progress: bool | None = None,
+                **kwargs: Any) -> dict[int, tuple[MoE, dict]]:
+    """Many MoE blocks of a GGUF checkpoint as ``{block: (module, variables)}``
+    (``jax_moe.gguf.load_blocks``, whose ``kwargs`` these are). Requires the ``gguf`` package."""
+    from . import gguf as _gguf
+
+    return {b: MoE.from_weights(w, dtype=dtype)
+            for b, w in _gguf.load_blocks(path, blocks, progress=progress, **kwargs).items()}

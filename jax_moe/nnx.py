@@ -50,7 +50,7 @@ from .ffn import MoEWeights, expert_bias_arrays  # noqa: E402
 from .kinds import DENSE_DTYPES, GGMLType, WeightLayout, as_kind, expert_qtypes  # noqa: E402
 from .routing import RouterConfig  # noqa: E402
 
-__all__ = ["ExpertWeight", "MoE", "QuantizedWeight", "RouterWeight", "RoutingBias"]
+__all__ = ["ExpertWeight", "MoE", "QuantizedWeight", "RouterWeight", "RoutingBias", "load_blocks"]
 
 _SHARED_NAMES = ("shared_gate_up", "shared_gate", "shared_up", "shared_down")
 
@@ -368,3 +368,14 @@ class MoE(nnx.Module):
         from . import gguf as _gguf
 
         return cls.from_weights(_gguf.load_block_weights(path, block, **kwargs), dtype=dtype)
+
+
+def load_blocks(path: str, blocks: Any = None, *, dtype: Any = jnp.bfloat16, progress: bool | None = None,
+                **kwargs: Any) -> dict[int, MoE]:
+    """Many MoE blocks of a GGUF checkpoint as ``{block: MoE}`` (``jax_moe.gguf.load_blocks``,
+    whose ``kwargs`` these are: every block with expert tensors by default, a progress bar when
+    loading more than one). Requires the ``gguf`` package."""
+    from . import gguf as _gguf
+
+    return {b: MoE.from_weights(w, dtype=dtype)
+            for b, w in _gguf.load_blocks(path, blocks, progress=progress, **kwargs).items()}

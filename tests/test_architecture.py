@@ -82,3 +82,40 @@ def test_no_unused_imports_in_ops():
              and isinstance(n.value, ast.Name)}
     registering = {"_batching", "_lowering"}  # imported for their registrations (noqa: F401)
     assert names - used - {"annotations"} - registering == set()
+
+
+def package_imports() -> dict[str, set[str]]:
+    """{module: the package modules it imports}, function-level imports included."""
+    mods = {p.stem for p in PKG.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for p in PKG.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jax_moe."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("jax_moe."))
+        graph[p.stem] = {d for d in deps if d in mods and d != p.stem}
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    """The GGUF loader returns MoEWeights and the Flax modules own from_gguf: no module imports
+    one that imports it back (gguf.py and nnx.py used to), nor any longer cycle."""
+    graph = package_imports()
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            assert state.get(d) != 1, " -> ".join(path + [m, d])
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert not graph["gguf"] & {"nnx", "linen"}, graph["gguf"]

@@ -127,8 +127,9 @@ def test_qwen3moe_config_and_block(tmp_path, rng):
                                rtol=2.0**-8, atol=2.0**-8 * scale)
 
     # the NNX module holds the same weights and computes the same thing
-    moe = jg.load_nnx(path, 1)
     from flax import nnx
+    from jax_moe.nnx import MoE
+    moe = MoE.from_gguf(path, 1)
     out_nnx = nnx.jit(lambda m, x: m(x))(moe, x)
     np.testing.assert_array_equal(np.asarray(out_nnx, np.float32), np.asarray(out, np.float32))
 
@@ -212,7 +213,8 @@ def test_qwen2moe_dense_f16_bf16_shared_gate_and_linen(tmp_path, rng):
 
     x = jnp.asarray(rng.standard_normal((2, 5, D)), jnp.bfloat16)
     expected = jax.jit(lambda w, x: w(x))(w, x)
-    module, variables = jg.load_linen(path, 0)
+    from jax_moe.linen import MoE as LinenMoE
+    module, variables = LinenMoE.from_gguf(path, 0)
     assert set(variables) == {"experts", "router"}  # nothing trainable (issue 15: frozen by default)
     out = jax.jit(module.apply)(variables, x)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
@@ -291,17 +293,21 @@ def test_bad_files(tmp_path, rng):
 
 def test_load_blocks_progress_bar(tmp_path, rng, capsys):
     path, orig = qwen3moe_file(tmp_path, rng)
-    mods = jg.load_blocks(path)
+    import jax_moe.linen
+    import jax_moe.nnx
+
+    mods = jax_moe.nnx.load_blocks(path)
     err = capsys.readouterr().err
     assert "loading qwen3moe MoE blocks" in err and "2/2" in err
     assert sorted(mods) == [1, 2]
-    from jax_moe.nnx import MoE
-    assert all(isinstance(m, MoE) for m in mods.values())
-    weights = jg.load_blocks(path, [2], framework="weights", progress=False)
+    assert all(isinstance(m, jax_moe.nnx.MoE) for m in mods.values())
+    weights = jg.load_blocks(path, [2], progress=False)
     assert capsys.readouterr().err == ""
+    assert all(isinstance(w, jax_moe.MoEWeights) for w in weights.values())
     np.testing.assert_array_equal(np.asarray(weights[2].down.data), orig[2]["down"][0])
-    with pytest.raises(ValueError, match="framework"):
-        jg.load_blocks(path, framework="torch")
+    linen_blocks = jax_moe.linen.load_blocks(path, [1], progress=False)
+    module, variables = linen_blocks[1]
+    assert isinstance(module, jax_moe.linen.MoE) and set(variables) == {"quantized", "router"}  # nothing trainable
 
 
 def test_legacy_per_expert_mixtral_tensors(tmp_path, rng):

@@ -118,8 +118,8 @@ def test_big_endian_file_loads_the_little_endian_weights(tmp_path, rng, monkeypa
     assert gguf.GGUFReader(be).endianess == gguf.GGUFEndian.BIG
     assert open(le, "rb").read() != open(be, "rb").read()
     assert jg.read_moe_config(be) == jg.read_moe_config(le)
-    w_le = jg.load_blocks(le, framework="weights", progress=False)
-    w_be = jg.load_blocks(be, framework="weights", progress=False)
+    w_le = jg.load_blocks(le, progress=False)
+    w_be = jg.load_blocks(be, progress=False)
     assert sorted(w_be) == [0, 1, 2]
     for b in w_le:
         assert w_be[b].formats() == w_le[b].formats()

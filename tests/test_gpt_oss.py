@@ -155,7 +155,8 @@ def test_gpt_oss_gguf_block_from_gguf_under_nnx_jit(tmp_path, rng, experts, T):
             assert np.abs(gpt_oss_block_ref(x, zeroed) - ref).max() > 0.05 * np.abs(ref).max(), name
 
     # the Linen module from the same file computes the same
-    module, variables = jg.load_linen(path, 1)
+    from jax_moe.linen import MoE as LinenMoE
+    module, variables = LinenMoE.from_gguf(path, 1)
     out_linen = jax.jit(module.apply)(variables, x)
     np.testing.assert_array_equal(np.asarray(out_linen, np.float32), np.asarray(out, np.float32))
 

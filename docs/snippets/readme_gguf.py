@@ -16,9 +16,9 @@ write_qwen3moe("Qwen3-30B-A3B-Q4_K_M.gguf", blocks=2)  # a tiny file of the real
 x = jax.random.normal(jax.random.key(0), (8, 256), jnp.bfloat16)
 
 # --- README: gguf
-import jax_moe.gguf
-moe = jax_moe.gguf.load_nnx("Qwen3-30B-A3B-Q4_K_M.gguf", block=0)   # routing read from the file
-blocks = jax_moe.gguf.load_blocks("Qwen3-30B-A3B-Q4_K_M.gguf")       # {block: MoE}, with a progress bar
+import jax_moe.nnx
+moe = jax_moe.nnx.MoE.from_gguf("Qwen3-30B-A3B-Q4_K_M.gguf", 0)     # routing read from the file
+blocks = jax_moe.nnx.load_blocks("Qwen3-30B-A3B-Q4_K_M.gguf")       # {block: MoE}, with a progress bar
 y = nnx.jit(lambda m, x: m(x))(moe, x)                               # [T, D] -> [T, D]
 # --- end
 
