@@ -119,3 +119,14 @@ def test_no_import_cycles_in_the_package():
         if m not in state:
             visit(m, [])
     assert not graph["gguf"] & {"nnx", "linen"}, graph["gguf"]
+
+
+def test_gguf_is_split_by_idea():
+    """The file reader (untrusted bytes: header, metadata, tensor placement, byte order) is
+    gguf_file.py; gguf.py maps a checkpoint's metadata and tensors to MoE blocks."""
+    reader, loader = functions("gguf_file.py"), functions("gguf.py")
+    assert {"_reader", "_field", "_check_placement"} <= reader
+    assert {"read_moe_config", "load_block_weights", "load_blocks"} <= loader
+    assert not reader & loader, reader & loader
+    assert "class _File" in source("gguf_file.py") and "class _File" not in source("gguf.py")
+    assert "gguf" not in {m.split(".")[0] for m in package_imports()["gguf_file"]}

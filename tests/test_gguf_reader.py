@@ -27,6 +27,7 @@ gguf = pytest.importorskip("gguf")
 convert_endian = pytest.importorskip("gguf.scripts.gguf_convert_endian")
 
 import jax_moe.gguf as jg  # noqa: E402
+import jax_moe.gguf_file as gf  # noqa: E402
 from jax_moe import QuantizedExperts  # noqa: E402
 from test_gguf_loader import experts, qbytes, write as write_gguf  # noqa: E402
 from test_hostile_gguf import (ARR, STR, U32, build, kv, load, meta, rejects, write,  # noqa: E402,F401
@@ -228,7 +229,7 @@ def test_millions_of_metadata_strings_cost_a_pass_over_their_bytes(write):
     assert time.perf_counter() - t0 < 10
     assert cfg.expert_count == 2 and w.formats() == {"gate_up": "Q4_K", "down": "Q8_0"}
     # the array is still readable when asked for
-    assert len(jg._reader(path).get_field("tokenizer.ggml.tokens").contents()) == n
+    assert len(gf._reader(path).get_field("tokenizer.ggml.tokens").contents()) == n
 
 
 def test_metadata_arrays_are_not_materialized(write):
@@ -253,15 +254,15 @@ def test_tensor_count_is_bounded(write):
     w = load(write(build(meta(), valid_tensors() + tiny)))
     assert time.perf_counter() - t0 < 10
     assert w.formats() == {"gate_up": "Q4_K", "down": "Q8_0"}
-    n = jg._MAX_TENSORS + 1
+    n = gf._MAX_TENSORS + 1
     header = build(meta(), valid_tensors(), n_tensors=n)
-    rejects(write(header + bytes(24 * n)), f"{n} tensors, more than the {jg._MAX_TENSORS} jax_moe reads")
+    rejects(write(header + bytes(24 * n)), f"{n} tensors, more than the {gf._MAX_TENSORS} jax_moe reads")
 
 
 def test_key_count_is_bounded(write):
-    n = jg._MAX_KEYS + 1
+    n = gf._MAX_KEYS + 1
     rejects(write(build(meta(), valid_tensors(), n_kv=n) + bytes(13 * n)),
-            f"{n} metadata keys, more than the {jg._MAX_KEYS} jax_moe reads")
+            f"{n} metadata keys, more than the {gf._MAX_KEYS} jax_moe reads")
 
 
 # -- what a path is --------------------------------------------------------------------------
