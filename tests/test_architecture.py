@@ -130,3 +130,31 @@ def test_gguf_is_split_by_idea():
     assert not reader & loader, reader & loader
     assert "class _File" in source("gguf_file.py") and "class _File" not in source("gguf.py")
     assert "gguf" not in {m.split(".")[0] for m in package_imports()["gguf_file"]}
+
+
+CSRC = ROOT / "csrc"
+
+
+def test_the_abi_enums_have_one_home():
+    """MoeKind, WeightLayout and DType are defined once, in csrc/common/moe_types.h (they were
+    in gguf_blocks.h and fp16.h)."""
+    enum = re.compile(r"enum\s+class\s+(MoeKind|WeightLayout|DType)\b")
+    homes = {str(p.relative_to(CSRC)): enum.findall(p.read_text())
+             for p in CSRC.rglob("*") if p.suffix in (".h", ".cuh", ".cc", ".cu")}
+    assert {k: sorted(v) for k, v in homes.items() if v} == {
+        "common/moe_types.h": ["DType", "MoeKind", "WeightLayout"]}
+
+
+def test_the_staged_activation_block_is_not_named_like_ggmls():
+    """ggml's block_q8_1 is 36 bytes (f16 scale, f16 sum); ours is 40 and is called q8_1_staged."""
+    code = {p.name: re.sub(r"//[^\n]*", "", p.read_text()) for p in CSRC.rglob("*") if p.is_file()}
+    assert not [name for name, text in code.items() if re.search(r"\bblock_q8_1\b", text)]
+    assert "static_assert(sizeof(q8_1_staged) == 40" in (CSRC / "common" / "q8_1.h").read_text()
+
+
+def test_cuda_errors_cross_the_launch_boundary_as_a_type():
+    """The CUDA handler maps a CudaStatus code to the FFI error, instead of sorting error strings
+    by their prefix."""
+    handler = (CSRC / "ffi" / "cuda_handler.cu").read_text()
+    assert "rfind(" not in handler and "CudaStatus::Code::kInvalidArgument" in handler
+    assert "CudaStatus moe_forward_cuda(" in (CSRC / "cuda" / "kernels.h").read_text()

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "moe_types.h"
+
 #include "hd.h"
 
 #if defined(__CUDACC__)
@@ -96,8 +98,6 @@ JM_HD uint16_t float_to_bf16(float f) {
 }
 
 // The element types the kernels see. Values are ours (not XLA's); the FFI layer maps them.
-enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
-
 JM_HD float load_as_float(const void* p, int64_t i, DType t) {
   switch (t) {
     case DType::F16: return half_to_float(static_cast<const uint16_t*>(p)[i]);

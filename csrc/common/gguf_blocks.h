@@ -22,12 +22,6 @@ enum class GGMLType : int32_t {
   MXFP4 = 39,
 };
 
-// MoE kernel kinds (values are part of the ABI; mirrored by jax_moe.MoeKind).
-enum class MoeKind : int32_t { SCALAR_GGUF = 0, WMMA = 1, WMMA_GGUF = 2 };
-
-// Weight layouts of dense experts: [E, N, K] (GGUF's own) or [E, K, N] (Flax kernels).
-enum class WeightLayout : int32_t { ENK = 0, EKN = 1 };
-
 constexpr int QK8_0 = 32;   // elements per Q8_0 block
 constexpr int QK_K = 256;   // elements per K-quant super-block
 constexpr int K_SCALE_SIZE = 12;
@@ -94,16 +88,6 @@ struct block_mxfp4 {
   uint8_t qs[QK_MXFP4 / 2];   // E2M1 codes: sign bit, 2 exponent bits, 1 mantissa bit
 };
 static_assert(sizeof(block_mxfp4) == 17, "MXFP4 block is 17 bytes");
-
-// Activations staged for SCALAR_GGUF: 32 values as int8 with one scale (DESIGN.md §4).
-// `d` is the f16-rounded scale held as f32 (the value the integer dot products use); `sum` is
-// the integer sum of the quants, for the formats with mins.
-struct block_q8_1 {
-  float d;
-  int32_t sum;
-  int8_t qs[32];
-};
-static_assert(sizeof(block_q8_1) == 40, "staged activation block is 40 bytes");
 
 // Elements and bytes per block of a quantized type; 0 for types this library does not run.
 constexpr int block_elems(GGMLType t) {

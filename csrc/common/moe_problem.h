@@ -5,6 +5,7 @@
 
 #include "fp16.h"
 #include "gguf_blocks.h"
+#include "moe_types.h"
 
 namespace jax_moe {
 

@@ -19,6 +19,19 @@ namespace jax_moe {
 
 constexpr int QK8_1 = 32;
 
+// Activations staged for SCALAR_GGUF: 32 values as int8 with one scale (docs/contract.md §4). Not
+// ggml's 36-byte block_q8_1 (f16 scale and sum): this one holds the f16-rounded scale as f32
+// and an integer sum, 40 bytes.
+// `d` is the f16-rounded scale held as f32 (the value the integer dot products use); `sum` is
+// the integer sum of the quants, for the formats with mins.
+struct q8_1_staged {
+  float d;
+  int32_t sum;
+  int8_t qs[32];
+};
+static_assert(sizeof(q8_1_staged) == 40, "staged activation block is 40 bytes");
+
+
 // Four packed int8 (4-byte aligned) as one word.
 JM_HD uint32_t load4(const int8_t* p) {
 #if defined(__CUDA_ARCH__)
@@ -46,7 +59,7 @@ JM_HD int round_away(float v) { return static_cast<int>(roundf(v)); }
 
 // Stage 32 values (read through `load(i)`) into one q8_1 block.
 template <class Load>
-JM_HD void stage_q8_1(Load&& load, block_q8_1& out) {
+JM_HD void stage_q8_1(Load&& load, q8_1_staged& out) {
   float amax = 0.0f;
   bool finite = true;
   for (int i = 0; i < QK8_1; ++i) {
@@ -75,9 +88,9 @@ JM_HD void stage_q8_1(Load&& load, block_q8_1& out) {
 // block (xs points at the block's first q8_1 block): dx * (a_s * sum(q_w * q_x) - m_s * sum(q_x)),
 // integer sums, f32 outside them.
 template <class F>
-JM_HD float dot_subblock_q8_1(const typename F::Block& w, int s, const block_q8_1* xs) {
+JM_HD float dot_subblock_q8_1(const typename F::Block& w, int s, const q8_1_staged* xs) {
   const int i0 = s * F::SUB;
-  const block_q8_1& xb = xs[i0 / QK8_1];
+  const q8_1_staged& xb = xs[i0 / QK8_1];
   const int8_t* xq = xb.qs + (i0 % QK8_1);
   int32_t sumi = 0, sumx = 0;
   for (int g = 0; g < F::SUB; g += 8) {
@@ -98,7 +111,7 @@ JM_HD float dot_subblock_q8_1(const typename F::Block& w, int s, const block_q8_
 // Dot product of one weight block (QK elements) with its QK / 32 staged activation blocks;
 // mathematically equal to decode(w) . dequant(x_staged).
 template <class F>
-JM_HD float dot_block_q8_1(const typename F::Block& w, const block_q8_1* xs) {
+JM_HD float dot_block_q8_1(const typename F::Block& w, const q8_1_staged* xs) {
   float acc = 0.0f;
   for (int s = 0; s < F::QK / F::SUB; ++s) acc += dot_subblock_q8_1<F>(w, s, xs);
   return acc;

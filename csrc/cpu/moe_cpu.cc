@@ -47,7 +47,7 @@ struct Tile {
 // Staged activations: f32 rows (WMMA kinds) or q8_1 blocks (SCALAR_GGUF).
 struct StagedX {
   std::vector<float> f32;
-  std::vector<block_q8_1> q8;
+  std::vector<q8_1_staged> q8;
 };
 
 // Stage rows [r0, r1) of x.
@@ -106,7 +106,7 @@ void load_tile(const MoeProblem& p, const void* w, int64_t e, int64_t n0, int64_
 }
 
 // One SCALAR_GGUF weight row against one staged activation row.
-float dot_row_q8_1(const MoeProblem& p, const uint8_t* wrow, const block_q8_1* xq) {
+float dot_row_q8_1(const MoeProblem& p, const uint8_t* wrow, const q8_1_staged* xq) {
   float acc = 0.0f;
   dispatch_format(p.wtype, [&](auto fmt) {
     using F = decltype(fmt);

@@ -1,4 +1,4 @@
-// Host quantizers for the GGUF block formats (DESIGN.md §3).
+// Host quantizers for the GGUF block formats (docs/contract.md §3).
 //
 // Q8_0 and MXFP4 reproduce gguf.quants.quantize (for Q8_0 also ggml's reference) bit for bit. The
 // K-quants work in three steps per super-block:

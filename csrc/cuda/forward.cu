@@ -69,17 +69,18 @@ std::string launch_grouped(const MoeProblem& p, const MoeBuffers& b, const CudaP
 
 }  // namespace
 
-std::string moe_forward_cuda(const MoeProblem& p, const MoeBuffers& b, const CudaDevice& dev, uint8_t* scratch,
-                             size_t scratch_bytes, cudaStream_t stream) {
+CudaStatus moe_forward_cuda(const MoeProblem& p, const MoeBuffers& b, const CudaDevice& dev, uint8_t* scratch,
+                            size_t scratch_bytes, cudaStream_t stream) {
   const CudaPlan plan = plan_call(p, dev, aligned16(b));
   const ScratchLayout s = scratch_layout(p, plan);
   if (scratch_bytes < s.total)
-    return "scratch buffer of " + std::to_string(scratch_bytes) + " bytes is smaller than the " +
-           std::to_string(s.total) + " this call needs";
-  if (p.kind == MoeKind::SCALAR_GGUF) return launch_scalar_gguf(p, b, scratch, s, stream);
-  if (plan.kernel == CudaKernel::kMmaGemv) return launch_mma_gguf(p, b, stream);
-  if (plan.kernel == CudaKernel::kTokenGemv) return launch_small_t(p, b, stream);
-  return launch_grouped(p, b, plan, scratch, s, stream);
+    return CudaStatus::invalid_argument("scratch buffer of " + std::to_string(scratch_bytes) +
+                                        " bytes is smaller than the " + std::to_string(s.total) +
+                                        " this call needs");
+  if (p.kind == MoeKind::SCALAR_GGUF) return CudaStatus::launched(launch_scalar_gguf(p, b, scratch, s, stream));
+  if (plan.kernel == CudaKernel::kMmaGemv) return CudaStatus::launched(launch_mma_gguf(p, b, stream));
+  if (plan.kernel == CudaKernel::kTokenGemv) return CudaStatus::launched(launch_small_t(p, b, stream));
+  return CudaStatus::launched(launch_grouped(p, b, plan, scratch, s, stream));
 }
 
 }  // namespace jax_moe

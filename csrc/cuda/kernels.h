@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <utility>
 
 #include "../common/moe_problem.h"
 #include "plan.h"
@@ -37,8 +38,22 @@ std::string launch_reduce_pairs(const MoeProblem& p, const MoeBuffers& b, const 
                                 cudaStream_t stream);
 std::string launch_zero_invalid_pairs(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 
+// What the CUDA forward of a call reports across the launch boundary: success, an argument the
+// call cannot run with (INVALID_ARGUMENT: its scratch buffer is smaller than the plan needs), or a
+// failed launch (INTERNAL, with CUDA's error string). The launchers below it return "" or the
+// error of a launch, which is always internal.
+struct CudaStatus {
+  enum class Code { kOk, kInvalidArgument, kInternal };
+  Code code = Code::kOk;
+  std::string message;
+  static CudaStatus invalid_argument(std::string m) { return {Code::kInvalidArgument, std::move(m)}; }
+  static CudaStatus launched(std::string error) {
+    return error.empty() ? CudaStatus{} : CudaStatus{Code::kInternal, std::move(error)};
+  }
+};
+
 // The whole forward of one validated call on device `dev` (current_device()).
-std::string moe_forward_cuda(const MoeProblem& p, const MoeBuffers& b, const CudaDevice& dev, uint8_t* scratch,
-                             size_t scratch_bytes, cudaStream_t stream);
+CudaStatus moe_forward_cuda(const MoeProblem& p, const MoeBuffers& b, const CudaDevice& dev, uint8_t* scratch,
+                            size_t scratch_bytes, cudaStream_t stream);
 
 }  // namespace jax_moe

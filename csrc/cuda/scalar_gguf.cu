@@ -7,7 +7,7 @@
 namespace jax_moe {
 namespace {
 
-__global__ void stage_q8_1_kernel(const float* x, int64_t nblocks, block_q8_1* out) {
+__global__ void stage_q8_1_kernel(const float* x, int64_t nblocks, q8_1_staged* out) {
   for (int64_t b = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; b < nblocks;
        b += int64_t{gridDim.x} * blockDim.x) {
     const float* src = x + b * QK8_1;
@@ -19,7 +19,7 @@ __global__ void stage_q8_1_kernel(const float* x, int64_t nblocks, block_q8_1* o
 
 std::string launch_scalar_gguf(const MoeProblem& p, const MoeBuffers& b, uint8_t* scratch,
                                const ScratchLayout& s, cudaStream_t stream) {
-  auto* xq = reinterpret_cast<block_q8_1*>(scratch + s.staged);
+  auto* xq = reinterpret_cast<q8_1_staged*>(scratch + s.staged);
   const int64_t nblocks = p.x_rows() * (p.K / QK8_1);
   if (nblocks > 0) {
     const int64_t grid = std::min<int64_t>((nblocks + 255) / 256, 65536);

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../common/gguf_blocks.h"
+#include "../common/q8_1.h"
 #include "../common/moe_problem.h"
 #include "plan.h"
 
@@ -20,7 +21,7 @@ struct ScratchLayout {
   size_t cursor = 0;      // int32 [E]      scatter cursors
   size_t perm = 0;        // int32 [T * k]  pairs sorted by expert
   size_t partial = 0;     // f32 [T * k, N] per-pair results, when the grouped GEMM reduces
-  size_t staged = 0;      // block_q8_1 [x_rows, K / 32], SCALAR_GGUF's staged activations
+  size_t staged = 0;      // q8_1_staged [x_rows, K / 32], SCALAR_GGUF's staged activations
   size_t total = 0;
 };
 
@@ -38,7 +39,7 @@ inline ScratchLayout scratch_layout(const MoeProblem& p, const CudaPlan& plan) {
   };
   const size_t pairs = static_cast<size_t>(p.pairs());
   if (p.kind == MoeKind::SCALAR_GGUF)
-    s.staged = take(static_cast<size_t>(p.x_rows() * (p.K / 32)) * sizeof(block_q8_1));
+    s.staged = take(static_cast<size_t>(p.x_rows() * (p.K / 32)) * sizeof(q8_1_staged));
   if (plan.grouped()) {
     s.counts = take(sizeof(int32_t) * static_cast<size_t>(p.E));
     s.offsets = take(sizeof(int32_t) * static_cast<size_t>(p.E + 1));

@@ -56,7 +56,7 @@ template <class F>
 struct Q8_1Dot {
   static __device__ __forceinline__ float partial(const GemvArgs& a, int64_t e, int64_t n, int64_t pair, int lane) {
     constexpr int NSUB = F::QK / F::SUB;
-    const auto* xq = static_cast<const block_q8_1*>(a.x) + a.x_row(pair) * (a.K / QK8_1);
+    const auto* xq = static_cast<const q8_1_staged*>(a.x) + a.x_row(pair) * (a.K / QK8_1);
     const auto* blocks = reinterpret_cast<const typename F::Block*>(
         static_cast<const uint8_t*>(a.w) + (e * a.N + n) * a.row_bytes);
     float part = 0.0f;

@@ -28,10 +28,13 @@ static ffi::Error MoeMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::
   if (p.kind != MoeKind::SCALAR_GGUF && p.x_dtype == DType::BF16 && dev.cc_major > 0 && dev.cc_major < 8)
     return invalid("bfloat16 tensor-core kinds need a GPU of compute capability 8.0 or newer");
   const MoeBuffers b = buffers_of(x, ids, w, scores, *out);
-  const std::string err = moe_forward_cuda(p, b, dev, static_cast<uint8_t*>(scratch->untyped_data()),
-                                           scratch->size_bytes(), stream);
-  if (err.rfind("scratch buffer", 0) == 0) return invalid(err);
-  if (!err.empty()) return ffi::Error::Internal("jax_moe.moe_matmul (cuda): " + err);
+  const CudaStatus st = moe_forward_cuda(p, b, dev, static_cast<uint8_t*>(scratch->untyped_data()),
+                                         scratch->size_bytes(), stream);
+  switch (st.code) {
+    case CudaStatus::Code::kInvalidArgument: return invalid(st.message);
+    case CudaStatus::Code::kInternal: return ffi::Error::Internal("jax_moe.moe_matmul (cuda): " + st.message);
+    case CudaStatus::Code::kOk: break;
+  }
   return ffi::Error::Success();
 }
 

@@ -224,7 +224,7 @@ void test_q8_1(std::mt19937_64& gen) {
       float x[QK8_1];
       for (float& v : x) v = normal(gen) * (std::isfinite(s) && std::fabs(s) < 1e-30f ? 1e-40f : 1.0f);
       x[where] = s;
-      block_q8_1 b;
+      q8_1_staged b;
       stage_q8_1([&](int i) { return x[i]; }, b);
       const bool finite = std::isfinite(s);
       if (!finite) {
@@ -251,7 +251,7 @@ void test_q8_1(std::mt19937_64& gen) {
         for (size_t i = 0; i < sizeof w; ++i) raw[i] = static_cast<uint8_t>(byte(gen));
         float dec[F::QK];
         decode_block<F>(w, dec);
-        block_q8_1 xs[F::QK / QK8_1];
+        q8_1_staged xs[F::QK / QK8_1];
         float x[F::QK];
         for (float& v : x) v = normal(gen);
         if (trial % 5 == 4) x[trial % F::QK] = NAN;
@@ -347,7 +347,7 @@ void run_case(const Case& c, std::mt19937_64& gen) {
   std::vector<float> xr = x32;
   if (c.kind == MoeKind::SCALAR_GGUF) {
     for (int64_t b = 0; b < x_rows * c.K / QK8_1; ++b) {
-      block_q8_1 blk;
+      q8_1_staged blk;
       stage_q8_1([&](int i) { return x32[size_t(b * QK8_1 + i)]; }, blk);
       for (int i = 0; i < QK8_1; ++i) xr[size_t(b * QK8_1 + i)] = blk.d * blk.qs[i];
     }
