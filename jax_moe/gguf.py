@@ -60,6 +60,23 @@ from .kinds import DENSE_DTYPES, QUANTIZED_TYPES, GGMLType
 from .routing import RouterConfig
 
 _gguf = require("gguf", "gguf", "jax_moe.gguf")
+_KEYS = _gguf.Keys
+_LLM = _gguf.Keys.LLM
+
+
+def _block_tensor(t: Any) -> str:
+    """gguf's name of a per-block tensor without its ``blk.N.`` prefix (``ffn_gate_exps``)."""
+    return _gguf.TENSOR_NAMES[t].format(bid=0)[len("blk.0."):]
+
+
+_T = _gguf.MODEL_TENSOR
+_EXPS = {"gate": _block_tensor(_T.FFN_GATE_EXP), "up": _block_tensor(_T.FFN_UP_EXP),
+         "down": _block_tensor(_T.FFN_DOWN_EXP), "gate_up": _block_tensor(_T.FFN_GATE_UP_EXP)}
+_SHEXP = {"gate": _block_tensor(_T.FFN_GATE_SHEXP), "up": _block_tensor(_T.FFN_UP_SHEXP),
+          "down": _block_tensor(_T.FFN_DOWN_SHEXP)}
+_ROUTER = _block_tensor(_T.FFN_GATE_INP)
+_SHARED_GATE = _block_tensor(_T.FFN_GATE_INP_SHEXP)
+_SELECTION_BIAS = _block_tensor(_T.FFN_EXP_PROBS_B)
 
 from .gguf_file import _MAX_EXPERTS, GGUFError, _field, _int_field, _reader, _type_name  # noqa: E402
 
@@ -141,46 +158,46 @@ def read_moe_config(source: str | os.PathLike | _gguf.GGUFReader, *,
     Raises ValueError for a file without experts or with inconsistent routing metadata.
     """
     reader = _reader(source)
-    arch = _field(reader, "general.architecture")
+    arch = _field(reader, _KEYS.General.ARCHITECTURE)
     if not isinstance(arch, str):
-        raise GGUFError("not a model GGUF file: general.architecture is missing")
-    key = lambda name: f"{arch}.{name}"  # noqa: E731
-    n_expert = _int_field(reader, key("expert_count"), 0, _MAX_EXPERTS)
+        raise GGUFError(f"not a model GGUF file: {_KEYS.General.ARCHITECTURE} is missing")
+    key = lambda name: name.format(arch=arch)  # noqa: E731  (gguf.Keys.LLM.* are "{arch}.<name>")
+    n_expert = _int_field(reader, key(_LLM.EXPERT_COUNT), 0, _MAX_EXPERTS)
     if not n_expert:
-        raise GGUFError(f"{arch} checkpoint has no experts ({key('expert_count')} is missing or 0)")
-    k = _int_field(reader, key("expert_used_count"), 0, n_expert)
+        raise GGUFError(f"{arch} checkpoint has no experts ({key(_LLM.EXPERT_COUNT)} is missing or 0)")
+    k = _int_field(reader, key(_LLM.EXPERT_USED_COUNT), 0, n_expert)
     if not k:
-        raise GGUFError(f"{key('expert_used_count')} is missing or 0")
+        raise GGUFError(f"{key(_LLM.EXPERT_USED_COUNT)} is missing or 0")
     moe_blocks = sorted({int(m.group(1)) for t in reader.tensors
                          if (m := _EXPERT_TENSOR.match(t.name))})
 
     if router is None:
         gating, norm = _ARCH_ROUTING.get(arch, (None, None))
-        func = _int_field(reader, key("expert_gating_func"), 0)
+        func = _int_field(reader, key(_LLM.EXPERT_GATING_FUNC), 0)
         if func is not None:
             if int(func) not in _GATING_FUNC:
-                raise GGUFError(f"{key('expert_gating_func')} = {func} is not a known gating "
+                raise GGUFError(f"{key(_LLM.EXPERT_GATING_FUNC)} = {func} is not a known gating "
                                  f"function (1 softmax, 2 sigmoid)")
             gating = _GATING_FUNC[int(func)]
-        file_norm = _field(reader, key("expert_weights_norm"))
+        file_norm = _field(reader, key(_LLM.EXPERT_WEIGHTS_NORM))
         if file_norm is not None:
             if not isinstance(file_norm, (bool, int, np.integer)):
-                raise GGUFError(f"metadata {key('expert_weights_norm')} must be a bool; the file has {file_norm!r}")
+                raise GGUFError(f"metadata {key(_LLM.EXPERT_WEIGHTS_NORM)} must be a bool; the file has {file_norm!r}")
             norm = bool(file_norm)
         if gating is None or norm is None:
             warnings.warn(f"jax_moe.gguf: no routing defaults known for architecture {arch!r}; using "
                           f"gating={gating or 'softmax'!r}, normalize={bool(norm)} (pass router= to "
                           f"override)", stacklevel=2)
             gating, norm = gating or "softmax", bool(norm)
-        scale = _field(reader, key("expert_weights_scale"))
+        scale = _field(reader, key(_LLM.EXPERT_WEIGHTS_SCALE))
         if scale is not None and (isinstance(scale, (bool, str, list)) or not math.isfinite(float(scale))):
-            raise GGUFError(f"metadata {key('expert_weights_scale')} must be a finite number; the file has {scale!r}")
+            raise GGUFError(f"metadata {key(_LLM.EXPERT_WEIGHTS_SCALE)} must be a finite number; the file has {scale!r}")
         scale = 1.0 if not scale else float(scale)
-        groups = _int_field(reader, key("expert_group_count"), 0, n_expert) or 1
-        used = _int_field(reader, key("expert_group_used_count"), 0, groups) or groups
+        groups = _int_field(reader, key(_LLM.EXPERT_GROUP_COUNT), 0, n_expert) or 1
+        used = _int_field(reader, key(_LLM.EXPERT_GROUP_USED_COUNT), 0, groups) or groups
         if n_expert % groups:
-            raise GGUFError(f"metadata {key('expert_group_count')} = {groups} does not divide "
-                            f"{key('expert_count')} = {n_expert}")
+            raise GGUFError(f"metadata {key(_LLM.EXPERT_GROUP_COUNT)} = {groups} does not divide "
+                            f"{key(_LLM.EXPERT_COUNT)} = {n_expert}")
         router = RouterConfig(k=int(k), gating=gating, normalize=norm, scale=scale,
                               n_groups=groups, n_groups_used=used)
     elif not isinstance(router, RouterConfig):
@@ -194,10 +211,10 @@ def read_moe_config(source: str | os.PathLike | _gguf.GGUFReader, *,
         return _int_field(reader, key(name), 0)
 
     return GGUFMoEConfig(
-        arch=arch, block_count=opt_int("block_count"), expert_count=int(n_expert),
-        expert_used_count=int(k), embedding_length=opt_int("embedding_length"),
-        expert_feed_forward_length=opt_int("expert_feed_forward_length"),
-        expert_shared_count=opt_int("expert_shared_count") or 0, router=router,
+        arch=arch, block_count=opt_int(_LLM.BLOCK_COUNT), expert_count=int(n_expert),
+        expert_used_count=int(k), embedding_length=opt_int(_LLM.EMBEDDING_LENGTH),
+        expert_feed_forward_length=opt_int(_LLM.EXPERT_FEED_FORWARD_LENGTH),
+        expert_shared_count=opt_int(_LLM.EXPERT_SHARED_COUNT) or 0, router=router,
         activation=activation, moe_blocks=tuple(moe_blocks))
 
 
@@ -297,7 +314,7 @@ def _to_f32(t: Any) -> np.ndarray:
 def _swiglu_limit(reader: _gguf.GGUFReader, arch: str, block: int) -> float | None:
     """The clamp of block ``block``'s clamped SwiGLU from ``{arch}.swiglu_clamp_exp`` (one value
     per block, or one for all; 0 means no clamp, as in llama.cpp), or None where absent."""
-    key = f"{arch}.swiglu_clamp_exp"
+    key = _LLM.SWIGLU_CLAMP_EXP.format(arch=arch)
     v = _field(reader, key)
     if v is None:
         return None
@@ -340,7 +357,7 @@ def load_block_weights(
       A :class:`jax_moe.ffn.MoEWeights` in GGUF's ``[E, N, K]`` layout (``weight_layout="enk"``).
     """
     reader = _reader(source)
-    arch = _field(reader, "general.architecture")
+    arch = _field(reader, _KEYS.General.ARCHITECTURE)
     if arch in _UNSUPPORTED_ARCH:
         raise ValueError(f"block {block}: {_UNSUPPORTED_ARCH[arch]}")
     cfg = _config or read_moe_config(reader, router=router, activation=activation)
@@ -354,8 +371,9 @@ def load_block_weights(
     get = lambda name: index.get(prefix + name)  # noqa: E731
 
     def experts(name: str) -> _Host | None:
-        """``ffn_{name}_exps.weight``, or the legacy per-expert tensors stacked into one buffer."""
-        t = get(f"ffn_{name}_exps.weight")
+        """``ffn_{name}_exps.weight``, or the legacy per-expert tensors (``ffn_{name}.{e}.weight``,
+        which gguf's TENSOR_NAMES does not name) stacked into one buffer."""
+        t = get(f"{_EXPS[name]}.weight")
         if t is not None:
             return _host_experts(t, dense_dtype)
         if get(f"ffn_{name}.0.weight") is None:
@@ -374,12 +392,12 @@ def load_block_weights(
             buf[e] = h.data[0]
         return _Host(f"{prefix}ffn_{name}.*.weight", (len(parts),) + first.shape[1:], first.qtype, buf)
 
-    if get("ffn_down_exps.weight") is None and get("ffn_down.0.weight") is None:
+    if get(f"{_EXPS['down']}.weight") is None and get("ffn_down.0.weight") is None:
         if int(block) in cfg.moe_blocks:
             found = sorted(n for n in index if n.startswith(prefix) and _EXPERT_TENSOR.match(n))
-            raise GGUFError(f"block {block}: {prefix}ffn_down_exps.weight is missing, but the block has "
+            raise GGUFError(f"block {block}: {prefix}{_EXPS['down']}.weight is missing, but the block has "
                             f"the expert tensors {found}: the file is incomplete or a tensor name is corrupt")
-        raise ValueError(f"block {block} has no expert tensors ({prefix}ffn_down_exps.weight not "
+        raise ValueError(f"block {block} has no expert tensors ({prefix}{_EXPS['down']}.weight not "
                          f"found); the MoE blocks of this file are {list(cfg.moe_blocks)}")
     unsupported = sorted(n for n in index if n.startswith(prefix) and
                          re.match(r"ffn_\w*(_exps|_shexp)\.(?!weight$)", n[len(prefix):]) and
@@ -399,15 +417,15 @@ def load_block_weights(
         raise GGUFError(f"{dn.name}: [E, D, F] has F = {F}, but the file says expert_feed_forward_length = "
                         f"{cfg.expert_feed_forward_length}")
     gate_up = gate = up = None
-    if get("ffn_gate_up_exps.weight") is not None:
-        gate_up = _host_experts(get("ffn_gate_up_exps.weight"), dense_dtype)
+    if get(f"{_EXPS['gate_up']}.weight") is not None:
+        gate_up = _host_experts(get(f"{_EXPS['gate_up']}.weight"), dense_dtype)
         if gate_up.shape != (E, 2 * F, D):
             raise GGUFError(f"{gate_up.name}: expected [E, 2F, D] = {[E, 2 * F, D]}, got {list(gate_up.shape)}")
     else:
         gate, up = experts("gate"), experts("up")
         if gate is None or up is None:
-            raise GGUFError(f"block {block}: needs {prefix}ffn_gate_up_exps.weight or both "
-                             f"{prefix}ffn_gate_exps.weight and {prefix}ffn_up_exps.weight")
+            raise GGUFError(f"block {block}: needs {prefix}{_EXPS['gate_up']}.weight or both "
+                             f"{prefix}{_EXPS['gate']}.weight and {prefix}{_EXPS['up']}.weight")
         for h in (gate, up):
             if h.shape != (E, F, D):
                 raise GGUFError(f"{h.name}: expected [E, F, D] = {[E, F, D]}, got {list(h.shape)}")
@@ -416,7 +434,7 @@ def load_block_weights(
 
     def expert_bias(name: str, shape: tuple[int, int]) -> np.ndarray | None:
         """``ffn_{name}_exps.bias`` as float32 ``shape``, or None."""
-        t = get(f"ffn_{name}_exps.bias")
+        t = get(f"{_EXPS[name]}.bias")
         if t is None:
             return None
         v = _to_f32(t)
@@ -439,9 +457,9 @@ def load_block_weights(
         if limit is not None:
             activation_fn = GptOssActivation(limit=limit)
 
-    t_router = get("ffn_gate_inp.weight")
+    t_router = get(f"{_ROUTER}.weight")
     if t_router is None:
-        raise GGUFError(f"block {block}: router {prefix}ffn_gate_inp.weight not found")
+        raise GGUFError(f"block {block}: router {prefix}{_ROUTER}.weight not found")
     router_w = _to_f32(t_router)
     if router_w.shape != (E, D):
         raise GGUFError(f"{t_router.name}: expected [E, D] = {[E, D]}, got {list(router_w.shape)}")
@@ -456,12 +474,12 @@ def load_block_weights(
         return jnp.asarray(v)
 
     shared: dict[str, Any] = {}
-    if get("ffn_down_shexp.weight") is not None:
-        sd = _host_experts(get("ffn_down_shexp.weight"), dense_dtype, leading_one=True)
-        tsg, tsu = get("ffn_gate_shexp.weight"), get("ffn_up_shexp.weight")
+    if get(f"{_SHEXP['down']}.weight") is not None:
+        sd = _host_experts(get(f"{_SHEXP['down']}.weight"), dense_dtype, leading_one=True)
+        tsg, tsu = get(f"{_SHEXP['gate']}.weight"), get(f"{_SHEXP['up']}.weight")
         if tsg is None or tsu is None:
-            raise GGUFError(f"block {block}: a shared expert needs {prefix}ffn_gate_shexp.weight and "
-                             f"{prefix}ffn_up_shexp.weight")
+            raise GGUFError(f"block {block}: a shared expert needs {prefix}{_SHEXP['gate']}.weight and "
+                             f"{prefix}{_SHEXP['up']}.weight")
         sg = _host_experts(tsg, dense_dtype, leading_one=True)
         su = _host_experts(tsu, dense_dtype, leading_one=True)
         Fs = sd.shape[2]
@@ -477,7 +495,7 @@ def load_block_weights(
             shared["shared_gate"] = _device(sg, owned=_owned(sg))
             shared["shared_up"] = _device(su, owned=_owned(su))
         shared["shared_down"] = _device(sd, owned=_owned(sd))
-        shared["shared_expert_gate"] = vec("ffn_gate_inp_shexp.weight", D)
+        shared["shared_expert_gate"] = vec(f"{_SHARED_GATE}.weight", D)
 
     return MoEWeights(
         router=jnp.asarray(np.ascontiguousarray(router_w.T)),
@@ -485,8 +503,8 @@ def load_block_weights(
         gate_up=None if gate_up is None else _device(gate_up, owned=_owned(gate_up)),
         gate=None if gate is None else _device(gate, owned=_owned(gate)),
         up=None if up is None else _device(up, owned=_owned(up)),
-        router_bias=vec("ffn_gate_inp.bias", E),
-        selection_bias=vec("exp_probs_b.bias", E),
+        router_bias=vec(f"{_ROUTER}.bias", E),
+        selection_bias=vec(f"{_SELECTION_BIAS}.bias", E),
         config=cfg.router, activation=activation_fn, weight_layout="enk", **biases, **shared)
 
 

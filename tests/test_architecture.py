@@ -158,3 +158,15 @@ def test_cuda_errors_cross_the_launch_boundary_as_a_type():
     handler = (CSRC / "ffi" / "cuda_handler.cu").read_text()
     assert "rfind(" not in handler and "CudaStatus::Code::kInvalidArgument" in handler
     assert "CudaStatus moe_forward_cuda(" in (CSRC / "cuda" / "kernels.h").read_text()
+
+
+def test_gguf_names_come_from_gguf():
+    """Metadata keys and tensor names are gguf.Keys / gguf.TENSOR_NAMES, not strings written by
+    hand (the legacy per-expert tensors, which gguf does not name, are the exception)."""
+    code = re.sub(r'"""[\s\S]*?"""|#[^\n]*', "", source("gguf.py"))
+    for key in ("expert_count", "expert_used_count", "expert_gating_func", "expert_weights_norm",
+                "expert_weights_scale", "expert_group_count", "swiglu_clamp_exp", "general.architecture"):
+        assert not re.search(rf'["\'][^"\']*{re.escape(key)}["\']', code), key
+    for name in ("ffn_gate_inp", "exp_probs_b", "_exps.weight", "_shexp.weight"):
+        assert not re.search(rf'["\'][^"\']*{re.escape(name)}[^"\']*["\']', code), name
+    assert "_gguf.TENSOR_NAMES" in code and "_gguf.Keys" in code
