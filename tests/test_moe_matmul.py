@@ -13,7 +13,7 @@ import pytest
 from jax_moe import InferenceOnlyError, MoeKind, QuantizedExperts, moe_matmul, quantize
 
 from cases import check, make_case
-from reference import FORMATS
+from reference import FORMATS, gguf_decode
 
 RANKS = (2, 3)
 REDUCE = (True, False)
@@ -280,3 +280,23 @@ def test_more_pairs_than_int32_is_a_clear_error():
     ok = jax.eval_shape(lambda x, i, w: moe_matmul(x, i, w), jax.ShapeDtypeStruct((2**30 - 1, 16), jnp.bfloat16),
                         jax.ShapeDtypeStruct((2**30 - 1, 2), jnp.int32), w)
     assert ok.shape == (2**30 - 1, 2, 8)
+
+
+@pytest.mark.parametrize("x_scale", [0.0, 1.0])
+def test_scalar_gguf_keeps_mxfp4_overflow_non_finite(rng, x_scale):
+    """MXFP4's E8M0 scale reaches 2^127, so a decoded weight can be infinite (gguf-py decodes it
+    so). SCALAR_GGUF's integer dot must not hide it: x = 0 gives NaN (inf * 0), x > 0 a
+    non-finite value, as decode(w) . x does. (The integer sum was 0, or finite, before.)"""
+    K = 64
+    blocks = np.zeros((1, 1, K // 32, 17), np.uint8)
+    blocks[..., 0] = 254                                      # scale 2^126
+    blocks[..., 1:] = rng.integers(0, 256, size=(1, 1, K // 32, 16), dtype=np.uint8) | 0x77  # codes >= 7
+    w = QuantizedExperts(blocks.reshape(1, 1, -1), "MXFP4", (1, 1, K))
+    dec = gguf_decode(blocks.reshape(1, 1, -1), "MXFP4", K)
+    assert np.isinf(dec).any()
+    x = np.full((1, K), x_scale, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = (dec[0] @ x[0].astype(np.float64))[0]
+    out = np.asarray(moe_matmul(jnp.asarray(x), jnp.zeros((1, 1), jnp.int32), w, reduce=False))
+    assert out.shape == (1, 1, 1) and not np.isfinite(out).any(), out
+    assert np.isnan(out).all() == np.isnan(ref), (out, ref)

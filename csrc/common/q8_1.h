@@ -103,6 +103,21 @@ JM_HD float dot_subblock_q8_1(const typename F::Block& w, int s, const q8_1_stag
   if (F::HAS_MIN && F::SUB == QK8_1) sumx = xb.sum;
   float a, m;
   F::scale_min(w, s, a, m);
+  if constexpr (F::type == GGMLType::MXFP4) {
+    // MXFP4's scale reaches 2^127, so a decoded weight a * q can overflow f32 (as in gguf-py's
+    // and our decoders). The integer sum would then hide the infinities (a zero sum, or one that
+    // cancels): take those rare sub-blocks through the decoded weights, so that an infinite
+    // weight reaches the output as it does through decode(w) . dequant(x_staged).
+    if (!(a * 12.0f <= 3.402823466e38f)) {
+      float acc = 0.0f;
+      for (int g = 0; g < F::SUB; g += 8) {
+        int q[8];
+        unpack8(F::quant8(w, i0 + g), q);
+        for (int t = 0; t < 8; ++t) acc += (a * static_cast<float>(q[t])) * (xb.d * static_cast<float>(xq[g + t]));
+      }
+      return acc;
+    }
+  }
   float part = a * static_cast<float>(sumi);
   if (F::HAS_MIN) part -= m * static_cast<float>(sumx);
   return xb.d * part;
