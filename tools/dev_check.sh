@@ -2,6 +2,10 @@
 # One device call during development (the lent H200): build for sm_90a, run a pytest -k subset of
 # the GPU suite, optionally one compute-sanitizer tool over a smaller subset, then benchmark rows.
 #   bash tools/dev_check.sh "<pytest -k for test_gpu.py>" "<sanitizer tool or ''>" "<sanitizer -k>" "<bench --only>" [bench args]
+# To spend no device time compiling, build the kernels here for 90a and carry them (device tool
+# carry [".dev"]); only the nanobind modules are then built on the device (12-20 s):
+#   cmake -S . -B /tmp/cubuild -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90a -DJAX_MOE_CUDA=ON && cmake --build /tmp/cubuild -j2
+#   mkdir -p .dev && cp /tmp/cubuild/libjax_moe_cuda_kernels.a .dev/
 set -u
 OUT=${OUT:-/tmp/jax_moe_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
