@@ -23,7 +23,6 @@ def main() -> None:
     rng = np.random.default_rng(0)
     # Random bytes with small finite fp16 scales: a timing input, not a numerics one.
     data = rng.integers(0, 256, size=(E, N, K // qk * bb), dtype=np.uint8)
-    w = QuantizedExperts(jnp.asarray(data), fmt, (E, N, K))
     scale_bytes = {"Q4_K": [0, 1, 2, 3], "Q8_0": [0, 1], "Q6_K": [208, 209]}[fmt]
     blocks = data.reshape(E, N, K // qk, bb)
     blocks[..., scale_bytes[1::2]] = 0x1c  # fp16 exponent of about 2^-8: finite scales
