@@ -106,9 +106,6 @@ def random_gguf(key, fmt: str, E: int, N: int, K: int) -> QuantizedExperts:
         h = jax.random.uniform(jax.random.fold_in(k2, i), (E, N, K // qk), jnp.float32, 1e-3, 1e-2)
         hb = jax.lax.bitcast_convert_type(h.astype(jnp.float16), jnp.uint8)  # [..., 2]
         raw = raw.at[..., off:off + 2].set(hb)
-    for i, off in enumerate(E8M0_OFFSETS.get(fmt, ())):
-        e = jax.random.randint(jax.random.fold_in(k2, 100 + i), (E, N, K // qk), 117, 121).astype(jnp.uint8)
-        raw = raw.at[..., off].set(e)
     return QuantizedExperts(raw.reshape(E, N, K // qk * bb), fmt, (E, N, K))
 
 
@@ -272,12 +269,16 @@ HEADER = (f"{'model':8s} {'proj':8s} {'T':>5s} {'kind':11s} {'fmt':5s} {'us':>9s
 # Every GGUF format the library runs; MXFP4 where this build's GGMLType has it.
 FORMATS = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"] + (["MXFP4"] if hasattr(GGMLType, "MXFP4") else [])
 DECODE_TS = (1, 2, 4, 8)  # decode-time T: every kind and format
+# T on both sides of the plan's mma-GEMV / fused-GEMM crossover (csrc/cuda/plan.h: at most 8 pairs
+# per expert and 512 pairs): Qwen3 (E=128, k=8) switches after T=64, Mixtral (E=8, k=2) after T=32.
+CROSSOVER_TS = {"qwen3": (16, 32, 80), "mixtral": (16, 32, 40)}
 
 
 def plan(quick: bool):
     """Rows as (model, proj, T, kind, fmt, with_peers). Every shape (Qwen3-30B-A3B and
     Mixtral-8x7B, gate+up and down) at T = 1, 2, 4, 8 (decode) for every kind and format, and at
-    T = 64, 512, 4096 for bf16 and Q4_K (every format through WMMA_GGUF for gate+up at T = 4096).
+    T = 64, 512, 4096 for bf16 and Q4_K (every format through WMMA_GGUF for gate+up at T = 4096),
+    and gate+up bf16 and Q4_K on both sides of the GEMV/GEMM crossover (CROSSOVER_TS, no peers).
     Peers (ragged_dot, einsum, torch._grouped_mm, decode+dense) on the bf16 and Q4_K rows; every
     quantized row is reported against the bf16 row's torch time (add_ratios)."""
     rows = []
@@ -296,6 +297,11 @@ def plan(quick: bool):
             if decode or (quick and T == 1):
                 for fmt in (FORMATS if decode else ["Q4_K"]):
                     rows.append((model, proj, T, MoeKind.SCALAR_GGUF, fmt, False))
+    if not quick:
+        for model, Ts in CROSSOVER_TS.items():
+            for T in Ts:
+                rows.append((model, "gate_up", T, MoeKind.WMMA, "bf16", False))
+                rows.append((model, "gate_up", T, MoeKind.WMMA_GGUF, "Q4_K", False))
     return rows
 
 

@@ -47,8 +47,9 @@ def main(path: str) -> None:
         tgt = TARGETS.get(key)
         mark = "" if tgt is None else (f"{tgt} ✓" if r["us"] <= tgt else f"{tgt} ✗")
         vs = r["ragged_dot_us"] / r["us"] if "ragged_dot_us" in r else None
-        xb = r["us"] / bf16[key[:3]] if r["kind"] != "WMMA" and key[:3] in bf16 else None
-        xt = r["us"] / torch[key[:3]] if key[:3] in torch else None
+        # The ratios bench_moe.py computed within its own run, where the row has them.
+        xb = r.get("x_bf16", r["us"] / bf16[key[:3]] if r["kind"] != "WMMA" and key[:3] in bf16 else None)
+        xt = r.get("x_torch", r["us"] / torch[key[:3]] if key[:3] in torch else None)
         print(f"| {r['model']} | {r['proj']} | {r['T']} | {r['kind']} | {r['fmt']} | {cell(r['us'])} | {mark} | "
               f"{r['weight_tbs']:.2f} | {r['tflops']:.1f} | {r['pct_floor']:.1f} | {cell(r.get('ragged_dot_us'))} | "
               f"{cell(r.get('gather_einsum_us'))} | {cell(r.get('torch_grouped_mm_us'))} | "
