@@ -40,6 +40,7 @@ def main(path: str) -> None:
           "`vs ragged`: ragged_dot's time over ours (> 1: we are faster). `x bf16`: our time over our "
           "bf16 row of the same shape; `x torch`: our time over torch._grouped_mm bf16 of the same "
           "shape in the same run (< 1: we are faster).\n")
+    notes = sorted({r["note"] for r in rows if "note" in r})
     print("| model | proj | T | kind | fmt | µs | target | TB/s | TFLOP/s | % floor | ragged_dot | einsum | torch | decode+dense | vs ragged | x bf16 | x torch |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -50,10 +51,14 @@ def main(path: str) -> None:
         # The ratios bench_moe.py computed within its own run, where the row has them.
         xb = r.get("x_bf16", r["us"] / bf16[key[:3]] if r["kind"] != "WMMA" and key[:3] in bf16 else None)
         xt = r.get("x_torch", r["us"] / torch[key[:3]] if key[:3] in torch else None)
-        print(f"| {r['model']} | {r['proj']} | {r['T']} | {r['kind']} | {r['fmt']} | {cell(r['us'])} | {mark} | "
+        star = "*" * (notes.index(r["note"]) + 1) if "note" in r else ""
+        print(f"| {r['model']} | {r['proj']} | {r['T']} | {r['kind']} | {r['fmt']}{star} | {cell(r['us'])} | {mark} | "
               f"{r['weight_tbs']:.2f} | {r['tflops']:.1f} | {r['pct_floor']:.1f} | {cell(r.get('ragged_dot_us'))} | "
               f"{cell(r.get('gather_einsum_us'))} | {cell(r.get('torch_grouped_mm_us'))} | "
               f"{cell(r.get('decode_then_dense_us'))} | {cell(vs)} | {cell(xb)} | {cell(xt)} |")
+    notes = sorted({r["note"] for r in rows if "note" in r})
+    for i, n in enumerate(notes):
+        print(f"\n{'*' * (i + 1)} {n}.")
     failed = [r for r in data["rows"] if "error" in r]
     for r in failed:
         print(f"\nFAILED {r['model']}/{r['proj']}/{r['T']}/{r['kind']}/{r['fmt']}: {r['error'][:200]}")

@@ -29,7 +29,7 @@ enum class CudaKernel : int32_t {
 
 // GEMM tiles: BM pairs x BN weight rows. kNone for the GEMV.
 enum class GemmTile : int32_t { kNone, kWide128x256, kNarrow64x256, kSlim64x128, kGguf64x128, kGguf128x128,
-                                kWmma128x128, kWmmaSkinny32x256 };
+                                kGguf256x128, kWmma128x128, kWmmaSkinny32x256 };
 
 struct CudaPlan {
   CudaKernel kernel = CudaKernel::kTokenGemv;
@@ -52,10 +52,12 @@ inline bool mma_gemv_fits(const MoeProblem& p, const CudaDevice& d, bool aligned
 
 // Pairs per expert up to which a GEMV serves rather than the grouped GEMM. The tensor-core GEMV
 // reads and decodes each routed expert's rows once per 8 of its pairs, and serves up to
-// kMmaGemvPairsPerExpert pairs per expert on average (one mma pass; benchmarks/NOTES.md); the
+// kMmaGemvPairsPerExpert pairs per expert on average (measured, Mixtral gate+up Q4_K: at 8 per
+// expert 504 µs against ~610 in the fused GEMM, at 10 a tie, at 12 695 against ~610;
+// benchmarks/NOTES.md); the
 // token GEMV (dense experts, and GGUF where the mma GEMV does not fit) re-reads an expert for
 // every pair: up to 2 pairs per expert, 1 on Hopper, whose wgmma GEMM streams the weights fast.
-constexpr int64_t kMmaGemvPairsPerExpert = 8;
+constexpr int64_t kMmaGemvPairsPerExpert = 10;
 inline bool gemv_serves(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
   if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the token GEMV
   if (p.layout != WeightLayout::ENK) return false;  // the GEMVs need rows contiguous along K
@@ -64,13 +66,37 @@ inline bool gemv_serves(const MoeProblem& p, const CudaDevice& d, bool aligned16
   return p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
 }
 
+// Shared-memory bytes of one weight row's raw GGUF stage in wgmma_gguf.cu: the bytes of 256 K
+// elements, copied from the 16-byte boundary below them, in whole 16-byte pieces.
+constexpr int gguf_raw_row_bytes(int block_bytes, int block_elems) {
+  const int chunk = 256 / block_elems * block_bytes;
+  const int align = block_bytes % 16 == 0 ? 16 : block_bytes % 8 == 0 ? 8 : block_bytes % 4 == 0 ? 4
+                    : block_bytes % 2 == 0 ? 2 : 1;
+  return (chunk + (16 - align) + 15) / 16 * 16;
+}
+// The 256 x 128 GGUF tile (two warpgroups of 128 pairs, 4 x stages of 256 rows, 3 B tiles, at least
+// 2 raw stages of 128 rows, the epilogue's pair table) fits in Hopper's 227 KiB of shared memory:
+// Q2_K, Q3_K, Q4_K, Q5_K and MXFP4, not Q6_K and Q8_0 (whose 256 K elements take 210 and 272 bytes).
+constexpr int kHopperSmemBytes = 227 * 1024;
+constexpr int gguf_tall_smem_bytes(int block_bytes, int block_elems) {
+  return 4 * 256 * 128 + 3 * 128 * 128 + 2 * 128 * gguf_raw_row_bytes(block_bytes, block_elems) + 1024 + 256 * 12;
+}
+inline bool gguf_tall_fits(GGMLType t) {
+  return is_quantized(t) && gguf_tall_smem_bytes(static_cast<int>(block_bytes(t)), static_cast<int>(block_elems(t))) <=
+                                kHopperSmemBytes;
+}
+
 // Tile choices of the Hopper kernels.
 constexpr int64_t kWidePairsPerExpert = 128;  // from here 128 x 256 (dense) / 128 x 128 (GGUF)
+// GGUF from here: 256 x 128, each weight decoded once per 256 pairs instead of 128 (the decode,
+// not the tensor cores, bounds the 128-row tile: benchmarks/NOTES.md, v20).
+constexpr int64_t kTallPairsPerExpert = 256;
 constexpr int64_t kSlimBlocks = 264;          // fewer 64 x 256 blocks than this: 64 x 128
 constexpr int64_t kSkinnyPairsPerExpert = 64;  // WMMA: below this the 32 x 256 tile
 
 inline int tile_rows(GemmTile t) {
   switch (t) {
+    case GemmTile::kGguf256x128: return 256;
     case GemmTile::kWide128x256: case GemmTile::kGguf128x128: case GemmTile::kWmma128x128: return 128;
     case GemmTile::kNarrow64x256: case GemmTile::kSlim64x128: case GemmTile::kGguf64x128: return 64;
     case GemmTile::kWmmaSkinny32x256: return 32;
@@ -82,7 +108,7 @@ inline int tile_cols(GemmTile t) {
   switch (t) {
     case GemmTile::kWide128x256: case GemmTile::kNarrow64x256: case GemmTile::kWmmaSkinny32x256: return 256;
     case GemmTile::kSlim64x128: case GemmTile::kGguf64x128: case GemmTile::kGguf128x128:
-    case GemmTile::kWmma128x128: return 128;
+    case GemmTile::kGguf256x128: case GemmTile::kWmma128x128: return 128;
     default: return 0;
   }
 }
@@ -106,7 +132,8 @@ inline CudaPlan plan_call(const MoeProblem& p, const CudaDevice& d, bool aligned
   const bool hopper = d.hopper() && aligned16 && p.K % 8 == 0 && p.layout == WeightLayout::ENK;
   if (hopper && p.kind == MoeKind::WMMA_GGUF) {
     plan.kernel = CudaKernel::kWgmmaGguf;
-    plan.tile = wide ? GemmTile::kGguf128x128 : GemmTile::kGguf64x128;
+    const bool tall = p.pairs() >= kTallPairsPerExpert * (p.E > 1 ? p.E : 1) && gguf_tall_fits(p.wtype);
+    plan.tile = tall ? GemmTile::kGguf256x128 : wide ? GemmTile::kGguf128x128 : GemmTile::kGguf64x128;
   } else if (hopper) {
     plan.kernel = CudaKernel::kWgmma;
     const bool slim = !wide && max_m_tiles(p, 64) * ((p.N + 255) / 256) < kSlimBlocks;

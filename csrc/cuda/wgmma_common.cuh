@@ -92,24 +92,28 @@ __device__ __forceinline__ void tile_pairs(const GemmArgs& a, int64_t row0, int6
   }
 }
 
-// Epilogue of a BM x BN tile whose accumulators are split over the first BM / 64 warpgroups
-// (m64nBN each; further warpgroups hold none): through shared memory `stage` (BM x (BN + 8)
-// floats, idle ring space) so that each warp then writes whole rows with 16-byte stores. Register
-// i holds row 16 * warp + lane / 4 + 8 * ((i / 2) % 2) of the warpgroup's 64, column
-// 8 * (i / 4) + 2 * (lane % 4) + i % 2. Starts and ends with a barrier.
-template <int BM, int BN, int THREADS>
-__device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[BN / 2], float* stage,
+// Epilogue of a BM x BN tile whose accumulators are split over the first BM / (64 MI) warpgroups,
+// MI m64nBN blocks each (warpgroup w's block m holds tile rows 64 (w MI + m) ..; further
+// warpgroups hold none): through shared memory `stage` (BM x (BN + 8) floats, idle ring space) so
+// that each warp then writes whole rows with 16-byte stores. Register i of a block holds row
+// 16 * warp + lane / 4 + 8 * ((i / 2) % 2) of its 64, column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
+// Starts and ends with a barrier.
+template <int BM, int BN, int THREADS, int MI>
+__device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[MI][BN / 2], float* stage,
                                          const int64_t* pair_of, const float* score_of, int64_t n0) {
   constexpr int LD = BN + 8;
   const int tid = threadIdx.x, wgi = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   __syncthreads();  // every warpgroup's tensor cores are done reading the ring
-  const int r0 = wgi * 64 + warp * 16 + lane / 4;
 #pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    if (wgi >= BM / 64) break;
-    const int c = j * 8 + 2 * (lane % 4);
-    *reinterpret_cast<float2*>(stage + r0 * LD + c) = make_float2(acc[4 * j], acc[4 * j + 1]);
-    *reinterpret_cast<float2*>(stage + (r0 + 8) * LD + c) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  for (int m = 0; m < MI; ++m) {
+    const int r0 = (wgi * MI + m) * 64 + warp * 16 + lane / 4;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      if (wgi * MI >= BM / 64) break;
+      const int c = j * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(stage + r0 * LD + c) = make_float2(acc[m][4 * j], acc[m][4 * j + 1]);
+      *reinterpret_cast<float2*>(stage + (r0 + 8) * LD + c) = make_float2(acc[m][4 * j + 2], acc[m][4 * j + 3]);
+    }
   }
   __syncthreads();
   constexpr int PER_ROW = BN / 8;  // threads per row, 8 columns each
@@ -119,6 +123,13 @@ __device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[B
     store_row8(a, pair_of[r], score_of[r], n0 + c, stage + r * LD + c);
   }
   __syncthreads();  // the staging area is free again
+}
+
+// One m64nBN block per warpgroup.
+template <int BM, int BN, int THREADS>
+__device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[BN / 2], float* stage,
+                                         const int64_t* pair_of, const float* score_of, int64_t n0) {
+  epilogue<BM, BN, THREADS, 1>(a, reinterpret_cast<const float(&)[1][BN / 2]>(acc), stage, pair_of, score_of, n0);
 }
 
 }  // namespace hop

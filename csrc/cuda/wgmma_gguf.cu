@@ -1,6 +1,6 @@
 // WMMA_GGUF on Hopper: the grouped GEMM on wgmma (sm_90a) with the GGUF blocks decoded inside it.
 //
-// The GEMM reads only the quantized bytes. Per block (128 threads per warpgroup, BM = 64 pairs per
+// The GEMM reads only the quantized bytes. Per block (128 threads per warpgroup, 64 or 128 pairs per
 // warpgroup): a BM x 128 tile of one expert, K in steps of 64. Shared memory holds
 //   - a ring of A_STAGES x tiles (gathered rows, 128-byte swizzle), cp.async AHEAD steps ahead;
 //   - a ring of raw stages: each holds, for the tile's 128 weight rows, the GGUF bytes of 256 K
@@ -36,18 +36,19 @@ using hop::kRowBytes;
 constexpr int kSuper = 256;                  // K elements of one raw stage
 constexpr int kStepsPerSuper = kSuper / BK;  // K steps per raw stage
 
-constexpr int gcd16(int n) { return n % 16 == 0 ? 16 : n % 8 == 0 ? 8 : n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1; }
-
-template <class F, int MMA_WG_, int RAW_STAGES_, int RAW_LEAD_>
+// MMA_WG warpgroups, each holding MI m64 x 128 accumulator blocks (MI = 2: the 256-row tile, whose
+// decoded B tile serves twice the pairs of the 128-row one).
+template <class F, int MMA_WG_, int MI_, int RAW_STAGES_, int RAW_LEAD_>
 struct GgufTile {
   using Block = typename F::Block;
-  static constexpr int MMA_WG = MMA_WG_, BM = 64 * MMA_WG_, BN = 128, THREADS = 128 * MMA_WG_;
+  static constexpr int MMA_WG = MMA_WG_, MI = MI_, BM = 64 * MMA_WG_ * MI_, BN = 128, THREADS = 128 * MMA_WG_;
   // One warpgroup: two blocks per SM (shared memory permitting), 2 B tiles (the tile step j + 1
   // fills was last read by wgmma j - 1, which every warp of the one warpgroup has waited for). Two:
   // 3 B tiles (last read by wgmma j - 2, which the block-wide barrier of step j - 1 follows).
   static constexpr int MIN_BLOCKS = MMA_WG == 1 ? 2 : 1;
   static constexpr int B_TILES = MMA_WG == 1 ? 2 : 3;
-  static constexpr int AHEAD = MMA_WG == 1 ? 2 : 3;  // K steps whose copies are in flight
+  // K steps whose copies are in flight (the 256-row tile: one less, for its 32 KiB x stages).
+  static constexpr int AHEAD = MMA_WG == 1 ? 2 : MI == 1 ? 3 : 2;
   static constexpr int A_STAGES = AHEAD + 2;         // the slot step j + AHEAD fills was last read by wgmma j - 2
   // Raw stages, and how many K steps earlier than its first step's x pieces a super-step's raw
   // bytes are copied: the copy of super-step s (at loop iteration 4s - RAW_LEAD - AHEAD) must come
@@ -55,11 +56,10 @@ struct GgufTile {
   static constexpr int RAW_STAGES = RAW_STAGES_, RAW_LEAD = RAW_LEAD_;
   static_assert(RAW_LEAD >= 0 && RAW_LEAD <= 4 * RAW_STAGES - AHEAD - 3, "a raw stage is refilled only once read");
   static constexpr int BB = sizeof(Block);
-  static constexpr int CHUNK = kSuper / F::QK * BB;  // bytes of one row per raw stage
-  // A row's chunk starts at a multiple of gcd(BB, 16) (rows are whole blocks, the buffer is
-  // 16-byte aligned): the copy starts at the 16-byte boundary below it.
-  static constexpr int MAX_OFF = 16 - gcd16(BB);
-  static constexpr int RAW_ROW = (CHUNK + MAX_OFF + 15) / 16 * 16;
+  // A row's chunk (its bytes of one raw stage) starts at a multiple of gcd(BB, 16) (rows are whole
+  // blocks, the buffer is 16-byte aligned): the copy starts at the 16-byte boundary below it.
+  static constexpr int RAW_ROW = gguf_raw_row_bytes(BB, F::QK);
+  static_assert(kSuper == 256, "plan.h's gguf_raw_row_bytes sizes 256 K elements");
   static constexpr int RAW_PIECES = RAW_ROW / 16;  // 16-byte copies per row
   static constexpr int TPR = THREADS / BN;         // threads per weight row (adjacent lanes)
   static constexpr int RAW_PER_THREAD = (RAW_PIECES + TPR - 1) / TPR;
@@ -74,6 +74,9 @@ struct GgufTile {
   static_assert(AP * THREADS == BM * 8 && TPR * BN == THREADS && DP * TPR == 8, "pieces split evenly");
   static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
   static_assert(BM * (BN + 8) * 4 <= A_STAGES * A_BYTES + B_TILES * B_BYTES, "the epilogue's staging fits");
+  // plan.h decides where the 256-row tile runs from its own count of these bytes.
+  static_assert(MI == 1 || MMA_WG != 2 || RAW_STAGES != 2 || SMEM + STATIC_SMEM == gguf_tall_smem_bytes(BB, F::QK),
+                "plan.h's gguf_tall_smem_bytes counts this tile's shared memory");
 };
 
 }  // namespace gguf_gemm
@@ -148,9 +151,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
   const int KT = static_cast<int>((a.K + BK - 1) / BK);
 
   for (int64_t n0 = int64_t{blockIdx.y} * C::BN; n0 < a.N; n0 += int64_t{gridDim.y} * C::BN) {
-    float acc[C::BN / 2];
+    float acc[C::MI][C::BN / 2];
 #pragma unroll
-    for (int i = 0; i < C::BN / 2; ++i) acc[i] = 0.0f;
+    for (int m = 0; m < C::MI; ++m)
+#pragma unroll
+      for (int i = 0; i < C::BN / 2; ++i) acc[m][i] = 0.0f;
     const bool row_in = n0 + wrow < a.N;
     const uint8_t* const wr = w + (e * a.N + n0 + wrow) * a.row_bytes;  // this thread's weight row
 
@@ -228,15 +233,19 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
     __syncthreads();  // B[0] and the x pieces of step 0 are visible to the tensor cores
 #pragma unroll 1
     for (int j = 0; j < KT; ++j) {
-      const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES + wgi * 64 * kRowBytes;
+      const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES + wgi * C::MI * 64 * kRowBytes;
       const uint32_t sb = b_tiles + (j % C::B_TILES) * C::B_BYTES;
-      hop::fence_operands(acc);
+#pragma unroll
+      for (int m = 0; m < C::MI; ++m) hop::fence_operands(acc[m]);
       hop::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)
-        Wgmma<D, C::BN>::mma(acc, hop::smem_desc(sa + kk * 32), hop::smem_desc(sb + kk * 32));
+      for (int m = 0; m < C::MI; ++m)
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk)
+          Wgmma<D, C::BN>::mma(acc[m], hop::smem_desc(sa + m * 64 * kRowBytes + kk * 32), hop::smem_desc(sb + kk * 32));
       hop::wgmma_commit();
-      hop::fence_operands(acc);
+#pragma unroll
+      for (int m = 0; m < C::MI; ++m) hop::fence_operands(acc[m]);
       if (j + C::AHEAD < KT) copy_step(j + C::AHEAD);
       hop::cp_async_commit();
       hop::wgmma_wait<1>();  // wgmma j - 1 is done: its x slot and B tile are free
@@ -249,7 +258,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
       __syncthreads();  // the next B tile and step j + 1's x pieces are visible; every wgmma <= j - 1 is done
     }
     hop::wgmma_wait<0>();
-    hop::fence_operands(acc);
+#pragma unroll
+    for (int m = 0; m < C::MI; ++m) hop::fence_operands(acc[m]);
     hop::epilogue<C::BM, C::BN, C::THREADS>(a, acc, reinterpret_cast<float*>(smem), pair_of, score_of, n0);
   }
 #else
@@ -269,39 +279,46 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
 }
 
 // The fixed part of a tile's pipeline (AHEAD), before its raw ring is chosen.
-template <class F, int MMA_WG>
-using Tile0 = GgufTile<F, MMA_WG, 2, 0>;
+template <class F, int MMA_WG, int MI>
+using Tile0 = GgufTile<F, MMA_WG, MI, 2, 0>;
 
 // The deepest raw ring that fits one block per SM (2 to 4 stages), with the longest lead it allows.
-template <class F, int MMA_WG, int RS = 4>
+template <class F, int MMA_WG, int MI, int RS = 4>
 struct Deepest {
-  using Tile = GgufTile<F, MMA_WG, RS, 4 * RS - Tile0<F, MMA_WG>::AHEAD - 3>;
-  using type = typename std::conditional<(Tile::SMEM + Tile::STATIC_SMEM <= 227 * 1024 || RS == 2), Tile,
-                                         typename Deepest<F, MMA_WG, (RS > 2 ? RS - 1 : 2)>::type>::type;
+  using Tile = GgufTile<F, MMA_WG, MI, RS, 4 * RS - Tile0<F, MMA_WG, MI>::AHEAD - 3>;
+  using type = typename std::conditional<(Tile::SMEM + Tile::STATIC_SMEM <= kHopperSmemBytes || RS == 2), Tile,
+                                         typename Deepest<F, MMA_WG, MI, (RS > 2 ? RS - 1 : 2)>::type>::type;
 };
-template <class F, int MMA_WG>
-struct Deepest<F, MMA_WG, 2> {
-  using type = GgufTile<F, MMA_WG, 2, 4 * 2 - Tile0<F, MMA_WG>::AHEAD - 3>;
+template <class F, int MMA_WG, int MI>
+struct Deepest<F, MMA_WG, MI, 2> {
+  using type = GgufTile<F, MMA_WG, MI, 2, 4 * 2 - Tile0<F, MMA_WG, MI>::AHEAD - 3>;
 };
 
 // The 64-row tile: two blocks per SM with 2 raw stages where the format allows it, else the
 // deepest ring of one block per SM.
 template <class F>
 struct Narrow {
-  using Two = GgufTile<F, 1, 2, 3>;
+  using Two = GgufTile<F, 1, 1, 2, 3>;
   static constexpr bool fits = Two::SMEM + Two::STATIC_SMEM + 1024 <= 228 * 1024 / 2;
-  using type = typename std::conditional<fits, Two, typename Deepest<F, 1>::type>::type;
+  using type = typename std::conditional<fits, Two, typename Deepest<F, 1, 1>::type>::type;
 };
+
+// The 256-row tile where plan.h's gguf_tall_fits holds (the formats whose two raw stages fit).
+template <class F>
+constexpr bool kTallFits = gguf_tall_smem_bytes(sizeof(typename F::Block), F::QK) <= kHopperSmemBytes;
 
 template <DType D>
 std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
   std::string err = "internal: grouped_wgmma_gguf_kernel has no tile " + std::to_string(static_cast<int>(tile));
   const bool known = dispatch_format(p.wtype, [&](auto fmt) {
     using F = decltype(fmt);
-    if (tile == GemmTile::kGguf64x128)
+    if (tile == GemmTile::kGguf64x128) {
       err = launch_tile<F, D, typename Narrow<F>::type>(p, a, stream);
-    else if (tile == GemmTile::kGguf128x128)
-      err = launch_tile<F, D, typename Deepest<F, 2>::type>(p, a, stream);
+    } else if (tile == GemmTile::kGguf128x128) {
+      err = launch_tile<F, D, typename Deepest<F, 2, 1>::type>(p, a, stream);
+    } else if (tile == GemmTile::kGguf256x128) {
+      if constexpr (kTallFits<F>) err = launch_tile<F, D, typename Deepest<F, 2, 2>::type>(p, a, stream);
+    }
   });
   if (!known) return "internal: grouped_wgmma_gguf_kernel has no GGUF format " + std::to_string(static_cast<int>(p.wtype));
   return err;
