@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call during development (the lent H200): build for sm_90a, run a pytest -k subset of
-# the GPU suite, optionally one compute-sanitizer tool over a smaller subset, then benchmark rows.
+# the GPU suite (every -m gpu file and test_plan.py), optionally one compute-sanitizer tool over a smaller subset, then benchmark rows.
 #   bash tools/dev_check.sh "<pytest -k for test_gpu.py>" "<sanitizer tool or ''>" "<sanitizer -k>" "<bench --only>" [bench args]
 # To spend no device time compiling, build the kernels here for 90a and carry them (device tool
 # carry [".dev"]); only the nanobind modules are then built on the device (12-20 s):
@@ -24,12 +24,14 @@ fi
 echo "build: $(( $(date +%s) - t0 )) s"
 summary=()
 if [ -n "${1:-}" ]; then
-  (cd tests && python3 -m pytest -q -m gpu test_gpu.py test_plan.py -p no:cacheprovider -k "$1" 2>&1) > "$OUT/tests.log"
+  (cd tests && python3 -m pytest -q -m gpu test_gpu.py test_gpu_small_t.py test_gpt_oss.py test_gpu_properties.py \
+     test_plan.py -p no:cacheprovider -k "$1" 2>&1) > "$OUT/tests.log"
   grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tests.log" | head -20
   summary+=("tests: $(tail -1 "$OUT/tests.log") ($(( $(date +%s) - t0 )) s)")
 fi
 if [ -n "${2:-}" ]; then
-  (cd tests && compute-sanitizer --tool "$2" --print-limit 10 python3 -m pytest -q -m gpu test_gpu.py -p no:cacheprovider -k "$3" 2>&1) > "$OUT/$2.log"
+  (cd tests && compute-sanitizer --tool "$2" --print-limit 10 python3 -m pytest -q -m gpu test_gpu.py test_gpu_small_t.py \
+     -p no:cacheprovider -k "$3" 2>&1) > "$OUT/$2.log"
   summary+=("$2: $(grep -E '(passed|failed)' "$OUT/$2.log" | tail -1) | $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$2.log" | sort | uniq -c | tr '\n' ' ') ($(( $(date +%s) - t0 )) s)")
 fi
 if [ -n "${4:-}" ]; then
