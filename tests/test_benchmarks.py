@@ -52,3 +52,53 @@ def test_plan_has_every_format_at_decode_time_and_both_sides_of_the_crossover():
             assert (model, "gate_up", T, MoeKind.WMMA_GGUF, "Q4_K") in tags
     assert "MXFP4" in bench_moe.FORMATS
     assert len(tags) == len(rows), "no row planned twice"
+
+
+def _profile_decode():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "profile_decode.py")
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+NCU_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value",'
+              '"Rule Name","Rule Type","Rule Description"\n')
+
+
+def _ncu_rows(lid: int, kernel: str, us: float, dram: float) -> str:
+    base = f'"{lid}","77","python3","h","{kernel}","1","7","(256, 1, 1)","(96, 2, 1)","0","9.0"'
+    return (f'{base},"GPU Speed Of Light Throughput","Duration","usecond","{us:,.2f}","","",""\n'
+            f'{base},"GPU Speed Of Light Throughput","DRAM Throughput","%","{dram}","","",""\n'
+            f'{base},"Occupancy","Achieved Occupancy","%","23.5","","",""\n'
+            f'{base},"Launch Statistics","Registers Per Thread","register/thread","127","","",""\n'
+            f'{base},"WarpStateStats","","","","SOLBottleneck","WRN","a rule row without a metric"\n')
+
+
+def test_profile_decode_table_takes_each_rows_warm_launch_and_checks_its_kernel():
+    pd = _profile_decode()
+    mma = "void jax_moe::mma_gemv_kernel<jax_moe::KQuantTile<(jax_moe::GGMLType)12>>(jax_moe::MmaGemvArgs)"
+    tok = "void jax_moe::token_gemv_kernel<(jax_moe::DType)2>(jax_moe::GemvArgs)"
+    text = ("==PROF== Connected to process 77\n" + NCU_HEADER + _ncu_rows(0, mma, 1500.0, 10) +
+            _ncu_rows(1, mma, 94.6, 30.5) + _ncu_rows(2, tok, 130.0, 70) + _ncu_rows(3, tok, 128.0, 80.25))
+    rows = [dict(tag="mixtral/gate_up/1/WMMA_GGUF/Q4_K", plan="mma_gemv", floor_us=30.7),
+            dict(tag="mixtral/gate_up/1/WMMA/bf16", plan="token_gemv", floor_us=109.0)]
+    md = pd.table(text, rows).splitlines()
+    assert len(md) == 4
+    cells = [c.strip() for c in md[2].split("|")[1:-1]]
+    assert cells[:5] == ["mixtral/gate_up/1/WMMA_GGUF/Q4_K", "mma_gemv", "94.6", "30.7", f"{100 * 30.7 / 94.6:.1f}"]
+    assert cells[5] == "30.5" and cells[7] == "23.5" and cells[8] == "127"
+    assert [c.strip() for c in md[3].split("|")[1:-1]][2] == "128.0"  # the warm (second) launch
+    with pytest.raises(ValueError, match="profiled kernel"):
+        pd.table(text, rows[::-1])  # a plan that does not match the launched kernel
+    with pytest.raises(ValueError, match="4 profiled launches for 1 rows"):
+        pd.table(text, rows[:1])
+
+
+def test_profile_decode_kernel_names():
+    pd = _profile_decode()
+    assert pd.launched("grouped_wgmma 128x256", "void jax_moe::(anonymous namespace)::grouped_wgmma_ws_kernel<2>(x)")
+    assert not pd.launched("grouped_wgmma 64x256", "void jax_moe::grouped_wgmma_gguf_kernel<F, D, C>(x)")
+    assert pd.launched("grouped_wgmma_gguf 256x128", "void jax_moe::grouped_wgmma_gguf_kernel<F, D, C>(x)")

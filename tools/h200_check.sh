@@ -3,6 +3,7 @@
 # GPU suite (or a subset) under compute-sanitizer. Logs go to $OUT; a short summary prints last.
 #   bash tools/h200_check.sh [tests|sanitize|all] [pytest -k expression for the sanitizer runs]
 #   bash tools/h200_check.sh bench "[bench_moe.py arguments]"
+#   ONLY=qwen3/gate_up/1/ bash tools/h200_check.sh decode-ncu   (ncu of every decode row: tools/profile_decode.py)
 #   bash tools/h200_check.sh small "[bench_moe.py arguments]"   (the decode-time kernels: their GPU
 #     tests, ncu of the GEMV kernels with both Q4_K roundings, then the benchmark rows)
 set -u
@@ -69,6 +70,16 @@ if [ "$MODE" = small ]; then
     | sed -E 's/^ +//; s/ +/ /g; s/\(MmaGemvArgs\)//' | cut -c1-100 | head -70
   echo "===== bench"; cat "$OUT/bench.log" 2>/dev/null | tail -40
   echo "===== summary"; printf '%s\n' "${summary[@]}"
+  exit 0
+fi
+if [ "$MODE" = decode-ncu ]; then
+  # Where every decode row's kernel time goes (tools/profile_decode.py): ONLY=<substrings> limits the rows.
+  cd ..
+  timeout ${NCU_S:-400} ncu --clock-control none --csv --page details --log-file "$OUT/decode_ncu.csv" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --kernel-name regex:"token_gemv|mma_gemv|grouped_w" \
+    python3 tools/profile_decode.py run "$OUT/decode_rows.json" --only "${ONLY:-}" > "$OUT/decode_run.log" 2>&1
+  python3 tools/profile_decode.py table "$OUT/decode_ncu.csv" "$OUT/decode_rows.json" | tee "$OUT/decode_ncu.md"
   exit 0
 fi
 if [ "$MODE" = bench ]; then
