@@ -28,6 +28,7 @@ from flax import nnx
 
 import jax_moe
 import jax_moe.gguf
+import jax_moe.nnx
 
 ARCH = "qwen3moe"
 

@@ -110,3 +110,21 @@ def test_scan_layers_example(capsys, rng):
     out = capsys.readouterr().out
     assert "3 stacked layers" in out and "data [3, 8, 512, 144]" in out
     assert "agree bit for bit: True" in out and out.strip().endswith("ok")
+
+
+def test_examples_import_every_jax_moe_submodule_they_use():
+    """`jax_moe.nnx.MoE` in an example needs its own `import jax_moe.nnx`: run in-process after
+    other tests, a missing import is hidden by modules they imported (gguf_roundtrip.py had one)."""
+    import ast
+
+    for path in sorted(EXAMPLES.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                     for a in n.names}
+        used = {f"jax_moe.{n.attr}" for n in ast.walk(tree)
+                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "jax_moe"}
+        submodules = {u for u in used if (ROOT / "jax_moe" / f"{u.split('.')[1]}.py").exists()
+                      or (ROOT / "jax_moe" / u.split(".")[1]).is_dir()}
+        missing = submodules - imported
+        assert not missing, f"{path.name} uses {sorted(missing)} without importing them"
