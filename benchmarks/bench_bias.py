@@ -23,7 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_moe import HBM_TBS, L2_BYTES, _median_time, chained, random_gguf, route  # noqa: E402  (sets XLA_FLAGS)
+from bench_moe import HBM_TBS, L2_BYTES, _median_time, chained, expert_bytes, random_experts, route  # noqa: E402  (sets XLA_FLAGS)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -31,32 +31,26 @@ import numpy as np  # noqa: E402
 
 import jax_moe  # noqa: E402
 from jax_moe import moe_ffn  # noqa: E402
-from jax_moe.kinds import block_bytes, block_size  # noqa: E402
 
 E, K_USED, D, F = 32, 4, 2880, 2880  # gpt-oss-20b's MoE block
 
 
-def expert_bytes(fmt: str) -> int:
+def ffn_expert_bytes(fmt: str) -> int:
     """Bytes of one expert's gate+up and down weights."""
-    n = 3 * F * D
-    return n * 2 if fmt == "bf16" else n // block_size(fmt) * block_bytes(fmt)
+    return expert_bytes(fmt, 2 * F, D) + expert_bytes(fmt, D, F)
 
 
 def weights(key, fmt: str):
     """(gate_up [E, 2F, D], down [E, D, F]) of gpt-oss's shape, random, on the device."""
     k1, k2 = jax.random.split(key)
-    if fmt == "bf16":
-        gu = (jax.random.normal(k1, (E, 2 * F, D), jnp.float32) / math.sqrt(D)).astype(jnp.bfloat16)
-        dn = (jax.random.normal(k2, (E, D, F), jnp.float32) / math.sqrt(F)).astype(jnp.bfloat16)
-        return gu, dn
-    return random_gguf(k1, fmt, E, 2 * F, D), random_gguf(k2, fmt, E, D, F)
+    return random_experts(k1, fmt, E, 2 * F, D), random_experts(k2, fmt, E, D, F)
 
 
 def bench(rng, key, fmt: str, T: int, runs: int) -> dict:
     ids = jnp.asarray(route(rng, T, E, K_USED))
     scores = jnp.asarray(jax.nn.softmax(jnp.asarray(rng.standard_normal((T, K_USED)), jnp.float32), -1))
     touched = len(np.unique(np.asarray(ids)))
-    touched_bytes = touched * expert_bytes(fmt)
+    touched_bytes = touched * ffn_expert_bytes(fmt)
     copies = int(min(max(math.ceil(4 * L2_BYTES / touched_bytes), 2), 8))
     keys = jax.random.split(key, copies + 1)
     ws = [weights(k, fmt) for k in keys[:copies]]

@@ -93,6 +93,18 @@ def device_time(make, calls: int, runs: int = 5) -> float:
     return max(t2 - t1, 1e-9) / calls
 
 
+def expert_bytes(fmt: str, N: int, K: int) -> int:
+    """Bytes of one [N, K] expert: bf16, or the GGUF blocks of `fmt`."""
+    return N * (K * 2 if fmt == "bf16" else K // block_size(fmt) * block_bytes(fmt))
+
+
+def random_experts(key, fmt: str, E: int, N: int, K: int):
+    """Random [E, N, K] experts on the device: bf16 ~ N(0, 1/K), or random_gguf blocks."""
+    if fmt == "bf16":
+        return (jax.random.normal(key, (E, N, K), jnp.float32) / math.sqrt(K)).astype(jnp.bfloat16)
+    return random_gguf(key, fmt, E, N, K)
+
+
 def random_gguf(key, fmt: str, E: int, N: int, K: int) -> QuantizedExperts:
     """Random GGUF blocks with finite scales (fp16 in [1e-3, 1e-2]; E8M0 2^-9 .. 2^-1), made on the
     device."""
@@ -124,15 +136,12 @@ def bench_row(rng, key, model: str, proj: str, T: int, kind: MoeKind, fmt: str, 
     xs = (T, k, K) if per_pair else (T, K)
     scores = jnp.asarray(rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)) if per_pair else None
     reduce = per_pair
-    expert_bytes = N * (K // block_size(fmt) * block_bytes(fmt) if quantized else K * 2)
-    touched_bytes = touched * expert_bytes
+    one_expert = expert_bytes(fmt, N, K)
+    touched_bytes = touched * one_expert
     copies = int(min(max(math.ceil(4 * L2_BYTES / touched_bytes), 2), 16,
-                     max(2, opts.weight_budget // (E * expert_bytes))))
+                     max(2, opts.weight_budget // (E * one_expert))))
     keys = jax.random.split(key, copies)
-    if quantized:
-        ws = [random_gguf(kk, fmt, E, N, K) for kk in keys]
-    else:
-        ws = [(jax.random.normal(kk, (E, N, K), jnp.float32) / math.sqrt(K)).astype(jnp.bfloat16) for kk in keys]
+    ws = [random_experts(kk, fmt, E, N, K) for kk in keys]
     flops = 2.0 * T * k * N * K
     floor = max(touched_bytes / (HBM_TBS * 1e12), flops / (BF16_TFLOPS * 1e12))
     # Enough calls that the slope measures >= ~1.5 ms of device work (noise of the fixed cost).
@@ -158,7 +167,7 @@ def bench_row(rng, key, model: str, proj: str, T: int, kind: MoeKind, fmt: str, 
         dense = ws if not quantized else [
             peers.DECODERS[fmt](w.data, E, N, K) if fmt in peers.DECODERS else None for w in ws]
         if quantized and dense[0] is None:
-            dense = [(jax.random.normal(kk, (E, N, K), jnp.float32) / math.sqrt(K)).astype(jnp.bfloat16) for kk in keys]
+            dense = [random_experts(kk, "bf16", E, N, K) for kk in keys]
         xb = [x.astype(jnp.bfloat16) for x in x_list]
         order = np.argsort(ids.reshape(-1), kind="stable")
         group_sizes = np.bincount(ids.reshape(-1), minlength=E).astype(np.int32)

@@ -56,7 +56,6 @@ def main(path: str) -> None:
               f"{r['weight_tbs']:.2f} | {r['tflops']:.1f} | {r['pct_floor']:.1f} | {cell(r.get('ragged_dot_us'))} | "
               f"{cell(r.get('gather_einsum_us'))} | {cell(r.get('torch_grouped_mm_us'))} | "
               f"{cell(r.get('decode_then_dense_us'))} | {cell(vs)} | {cell(xb)} | {cell(xt)} |")
-    notes = sorted({r["note"] for r in rows if "note" in r})
     for i, n in enumerate(notes):
         print(f"\n{'*' * (i + 1)} {n}.")
     failed = [r for r in data["rows"] if "error" in r]

@@ -83,7 +83,9 @@ def check_routing(router: np.ndarray, x: np.ndarray, ids: np.ndarray, scores: np
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     chosen = np.take_along_axis(p, ids, -1)
-    others = np.where(np.isin(np.arange(p.shape[-1])[None, :], ids[:, :, None]).any(1), -np.inf, p)
+    chosen_mask = np.zeros(p.shape, bool)
+    np.put_along_axis(chosen_mask, ids, True, -1)
+    others = np.where(chosen_mask, -np.inf, p)  # each token's unchosen experts
     top_k = (chosen.min(-1) >= others.max(-1) - 1e-5).all()
     return bool(top_k and np.allclose(scores, chosen / chosen.sum(-1, keepdims=True), atol=1e-5))
 

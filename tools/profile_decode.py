@@ -22,7 +22,6 @@ import os
 import re
 import sys
 
-HBM_TBS = 4.3
 KERNEL_RE = "token_gemv|mma_gemv|grouped_w"  # the main kernel of every path (not the grouping helpers)
 CALLS = 2  # per row: the first compiles and warms up; the table takes the last
 
@@ -63,8 +62,7 @@ def run(out_path: str, only: str) -> None:
         E, k, K, N, per_pair = sh["E"], sh["k"], sh["K"], sh["N"], sh["per_pair"]
         kk = jax.random.fold_in(key, i)
         quantized = kind != MoeKind.WMMA
-        w = (bm.random_gguf(kk, fmt, E, N, K) if quantized else
-             (jax.random.normal(kk, (E, N, K), jnp.float32) / np.sqrt(K)).astype(jnp.bfloat16))
+        w = bm.random_experts(kk, fmt, E, N, K)
         ids = bm.route(rng, T, E, k)
         x_dtype = jnp.float32 if kind == MoeKind.SCALAR_GGUF else jnp.bfloat16
         x = jax.random.normal(jax.random.fold_in(kk, 1), (T, k, K) if per_pair else (T, K), jnp.float32).astype(x_dtype)
@@ -75,8 +73,7 @@ def run(out_path: str, only: str) -> None:
         f = jax.jit(lambda x, ids, w, s: moe_matmul(x, ids, w, scores=s, kind=kind, reduce=per_pair))
         for _ in range(CALLS):
             f(x, jnp.asarray(ids), w, scores).block_until_ready()
-        bpe = N * (K // bm.block_size(fmt) * bm.block_bytes(fmt) if quantized else K * 2)
-        floor_us = len(np.unique(ids)) * bpe / (HBM_TBS * 1e12) * 1e6
+        floor_us = len(np.unique(ids)) * bm.expert_bytes(fmt, N, K) / (bm.HBM_TBS * 1e12) * 1e6
         rows.append(dict(tag=tag, plan=plan, floor_us=floor_us))
         print(f"{tag}: {plan}", file=sys.stderr, flush=True)
     with open(out_path, "w") as fh:

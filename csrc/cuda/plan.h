@@ -81,9 +81,8 @@ constexpr int kHopperSmemBytes = 227 * 1024;
 constexpr int gguf_tall_smem_bytes(int block_bytes, int block_elems) {
   return 4 * 256 * 128 + 3 * 128 * 128 + 2 * 128 * gguf_raw_row_bytes(block_bytes, block_elems) + 1024 + 256 * 12;
 }
-inline bool gguf_tall_fits(GGMLType t) {
-  return is_quantized(t) && gguf_tall_smem_bytes(static_cast<int>(block_bytes(t)), static_cast<int>(block_elems(t))) <=
-                                kHopperSmemBytes;
+constexpr bool gguf_tall_fits(GGMLType t) {
+  return is_quantized(t) && gguf_tall_smem_bytes(block_bytes(t), block_elems(t)) <= kHopperSmemBytes;
 }
 
 // Tile choices of the Hopper kernels.

@@ -303,10 +303,6 @@ struct Narrow {
   using type = typename std::conditional<fits, Two, typename Deepest<F, 1, 1>::type>::type;
 };
 
-// The 256-row tile where plan.h's gguf_tall_fits holds (the formats whose two raw stages fit).
-template <class F>
-constexpr bool kTallFits = gguf_tall_smem_bytes(sizeof(typename F::Block), F::QK) <= kHopperSmemBytes;
-
 template <DType D>
 std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
   std::string err = "internal: grouped_wgmma_gguf_kernel has no tile " + std::to_string(static_cast<int>(tile));
@@ -317,7 +313,8 @@ std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile ti
     } else if (tile == GemmTile::kGguf128x128) {
       err = launch_tile<F, D, typename Deepest<F, 2, 1>::type>(p, a, stream);
     } else if (tile == GemmTile::kGguf256x128) {
-      if constexpr (kTallFits<F>) err = launch_tile<F, D, typename Deepest<F, 2, 2>::type>(p, a, stream);
+      if constexpr (gguf_tall_fits(F::type))  // plan.h: the formats whose two raw stages fit beside it
+        err = launch_tile<F, D, typename Deepest<F, 2, 2>::type>(p, a, stream);
     }
   });
   if (!known) return "internal: grouped_wgmma_gguf_kernel has no GGUF format " + std::to_string(static_cast<int>(p.wtype));
