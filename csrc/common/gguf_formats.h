@@ -236,6 +236,46 @@ struct Format<GGMLType::MXFP4> {
   }
 };
 
+// The 32 bits at bit s (0 <= s < 32) of the 64-bit hi:lo: one funnel shift on the device.
+JM_HD uint32_t funnel_r(uint32_t lo, uint32_t hi, int s) {
+#if defined(__CUDA_ARCH__)
+  return __funnelshift_r(lo, hi, s);
+#else
+  return s == 0 ? lo : (lo >> s) | (hi << (32 - s));
+#endif
+}
+
+// MXFP4 as the tensor-core GEMV's lane c (0..3) sees a 256-element chunk (8 blocks, 136 bytes,
+// 8-byte aligned where K % 256 == 0): it owns blocks 2c and 2c + 1, bytes 34c .. 34c + 33, which
+// the ten little-endian words w of the 40 bytes from 8-byte boundary (34c) & ~7 cover, never
+// past the chunk. From them: each block's scale byte and its 16 quant bytes as four words (the
+// lane's offset in those 40 bytes, 0, 2, 4 or 6, is a word select and a 16-bit funnel shift).
+struct Mxfp4Lane {
+  uint32_t qa[4], qb[4];  // quant bytes qs[0..15] of blocks 2c and 2c + 1
+  uint8_t ea, eb;         // their E8M0 scales
+};
+JM_HD Mxfp4Lane mxfp4_lane(const uint32_t (&w)[10], int c) {
+  const bool up = c >= 2;
+  const int s = 16 * (c & 1);
+  uint32_t W[9];  // W[i]: the lane's bytes 4i .. 4i + 3
+  for (int i = 0; i < 9; ++i) W[i] = funnel_r(up ? w[i + 1] : w[i], up ? (i + 2 < 10 ? w[i + 2] : 0u) : w[i + 1], s);
+  Mxfp4Lane l;
+  for (int j = 0; j < 4; ++j) {
+    l.qa[j] = funnel_r(W[j], W[j + 1], 8);       // bytes 1 .. 16
+    l.qb[j] = funnel_r(W[4 + j], W[5 + j], 16);  // bytes 18 .. 33
+  }
+  l.ea = static_cast<uint8_t>(W[0] & 0xFF);
+  l.eb = static_cast<uint8_t>((W[4] >> 8) & 0xFF);
+  return l;
+}
+// Group g (0..3: elements 8g .. 8g + 7 of a block) of a block's quant words q: the same eight int8
+// values as Format<MXFP4>::quant8(b, 8g).
+JM_HD uint64_t mxfp4_group8(const uint32_t (&q)[4], int g) {
+  const int sh = g >= 2 ? 4 : 0;
+  const uint32_t lo = (q[2 * (g & 1)] >> sh) & 0x0F0F0F0Fu, hi = (q[2 * (g & 1) + 1] >> sh) & 0x0F0F0F0Fu;
+  return e2m1_bytes(lo | (static_cast<uint64_t>(hi) << 32));
+}
+
 // Decode elements i0 .. i0+7 (one aligned group inside one sub-block) given that sub-block's
 // scale and min: ggml's formula, unfused f32.
 template <class F>

@@ -220,6 +220,37 @@ struct Q80Tile {
   }
 };
 
+// MXFP4 from 8-byte loads: a chunk is 8 blocks of 17 bytes (136, 8-byte aligned rows where
+// K % 256 == 0); lane c's blocks 2c, 2c + 1 are the 34 bytes at 34c, inside the five aligned
+// words at (34c) & ~7, which never reach past the chunk. gguf_formats.h's mxfp4_lane (tested on
+// the host against Format<MXFP4>) takes the scales and quants out of them once per chunk; a group
+// is then one nibble mask and the E2M1 byte permute (e2m1_bytes), like Format<MXFP4>::quant8.
+template <DType D>
+struct Mxfp4Tile {
+  using F = Format<GGMLType::MXFP4>;
+  static constexpr int GROUPS = 8, DEPTH = 2, CHUNK_BYTES = kMmaChunk / F::QK * 17;
+  static_assert(CHUNK_BYTES == 136 && sizeof(typename F::Block) == 17, "8 blocks of 17 bytes per chunk");
+  struct Raw { uint2 v[5]; };
+  struct Prep { float a0, a1; Mxfp4Lane l; };
+  static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
+  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
+    const uint2* p = reinterpret_cast<const uint2*>(row + ch * CHUNK_BYTES + ((34 * c) & ~7));
+#pragma unroll
+    for (int i = 0; i < 5; ++i) r.v[i] = __ldg(p + i);
+  }
+  static __device__ __forceinline__ void prep(const Raw& r, int c, Prep& p) {
+    const uint32_t w[10] = {r.v[0].x, r.v[0].y, r.v[1].x, r.v[1].y, r.v[2].x,
+                            r.v[2].y, r.v[3].x, r.v[3].y, r.v[4].x, r.v[4].y};
+    p.l = mxfp4_lane(w, c);
+    p.a0 = e8m0_half(p.l.ea);
+    p.a1 = e8m0_half(p.l.eb);
+  }
+  template <int G>
+  static __device__ __forceinline__ uint4 group(const Raw&, Prep& p) {
+    return decode_quants8<F, D>(mxfp4_group8(G < 4 ? p.l.qa : p.l.qb, G & 3), G < 4 ? p.a0 : p.a1, 0.0f);
+  }
+};
+
 // NW little-endian words of the bytes at the 2-byte-aligned p, from aligned 8-byte loads (an
 // 8-byte word more than the NW / 2 that cover them, then a word select and a funnel shift by the
 // misalignment). Reads at most 8 bytes past p + 4 NW: callers keep that inside the block.
@@ -490,8 +521,14 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, 2) mma_gemv_kernel(MmaGemvA
 // aligned: aligned16). GGUF experts only: for dense experts the token GEMV (token_gemv.cuh) was
 // faster at T = 1 (benchmarks/NOTES.md, v16), and the GEMM beyond.
 
+// The formats with a whole-block tile (mma_gguf_wide.cu); the others run GgufTile (mma_gguf.cu).
+constexpr bool has_wide_mma_tile(GGMLType t) {
+  return t == GGMLType::Q4_K || t == GGMLType::Q5_K || t == GGMLType::Q8_0 || t == GGMLType::Q6_K ||
+         t == GGMLType::MXFP4;
+}
+
 // Host entry points (plan.h: mma_gemv_fits holds): GGUF experts (mma_gguf.cu), of which Q4_K, Q5_K,
-// Q8_0 and Q6_K from whole-block loads (mma_gguf_wide.cu).
+// Q8_0, Q6_K and MXFP4 from whole-block loads (mma_gguf_wide.cu).
 std::string launch_mma_gguf(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 std::string launch_mma_gguf_wide(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 

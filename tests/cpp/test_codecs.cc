@@ -216,6 +216,30 @@ void test_mxfp4_trait(std::mt19937_64& gen) {
 
 // -- SCALAR_GGUF staging and integer dot products --------------------------------------------
 
+// The tensor-core GEMV's MXFP4 lanes (mma_gemv.cuh Mxfp4Tile): from the five aligned 8-byte
+// words each lane loads, the scales and quants of its two blocks equal the block trait's.
+void test_mxfp4_gemv_lanes(std::mt19937_64& gen) {
+  using F = Format<GGMLType::MXFP4>;
+  static_assert(sizeof(block_mxfp4) == 17, "17-byte blocks");
+  for (int trial = 0; trial < 200; ++trial) {
+    alignas(8) uint8_t chunk[136];
+    for (auto& b : chunk) b = static_cast<uint8_t>(gen());
+    const auto* blocks = reinterpret_cast<const block_mxfp4*>(chunk);
+    for (int c = 0; c < 4; ++c) {
+      const int base = (34 * c) & ~7;
+      CHECK(base + 40 <= 136, "lane %d reads past the chunk\n", c);
+      uint32_t w[10];
+      std::memcpy(w, chunk + base, sizeof(w));
+      const Mxfp4Lane l = mxfp4_lane(w, c);
+      CHECK(l.ea == blocks[2 * c].e && l.eb == blocks[2 * c + 1].e, "lane %d scales\n", c);
+      for (int g = 0; g < 4; ++g) {
+        CHECK(mxfp4_group8(l.qa, g) == F::quant8(blocks[2 * c], 8 * g), "lane %d block a group %d\n", c, g);
+        CHECK(mxfp4_group8(l.qb, g) == F::quant8(blocks[2 * c + 1], 8 * g), "lane %d block b group %d\n", c, g);
+      }
+    }
+  }
+}
+
 void test_q8_1(std::mt19937_64& gen) {
   std::normal_distribution<float> normal;
   const float specials[] = {NAN, INFINITY, -INFINITY, FLT_MAX, -FLT_MAX, 1e-45f, 1.5e-36f, 0.0f};
@@ -455,6 +479,7 @@ int main() {
       {"random_bytes", test_random_bytes},
       {"bad_arguments", [](std::mt19937_64&) { test_bad_arguments(); }},
       {"mxfp4_trait", test_mxfp4_trait},
+      {"mxfp4_gemv_lanes", test_mxfp4_gemv_lanes},
       {"q8_1", test_q8_1},
       {"moe_forward_cpu", test_moe_forward_cpu},
       {"moe_cpu_chunked", test_moe_forward_cpu_chunked},
