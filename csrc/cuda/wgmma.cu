@@ -10,6 +10,7 @@
 #include "common.cuh"
 #include "grouped_gemm.cuh"
 #include "kernels.h"
+#include "raster.h"
 #include "wgmma_common.cuh"
 #include "wgmma_ops.cuh"
 
@@ -49,7 +50,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
   const uint32_t ring = (raw + 1023u) & ~1023u;
 
   int64_t e, row0, rows;
-  if (!find_tile<C::BM>(a, blockIdx.x, e, row0, rows)) return;
+  // This block's M tile and first N tile, in the grouped order of raster.h.
+  const TileCoord tile = raster_tile(int64_t{blockIdx.y} * gridDim.x + blockIdx.x, gridDim.x, gridDim.y, kRasterGroup);
+  if (!find_tile<C::BM>(a, tile.m, e, row0, rows)) return;
   const int tid = threadIdx.x, wg = tid / 128;
   const int piece = tid % 8, prow = tid / 8;  // this thread's piece column and first tile row
 
@@ -63,7 +66,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
   const auto* w = static_cast<const uint16_t*>(a.w);
   const int KT = static_cast<int>((a.K + BK - 1) / BK);
   constexpr int AHEAD = C::STAGES - 1;  // steps loading while one computes
-  for (int64_t n0 = int64_t{blockIdx.y} * C::BN; n0 < a.N; n0 += int64_t{gridDim.y} * C::BN) {
+  for (int64_t n0 = tile.n * C::BN; n0 < a.N; n0 += int64_t{gridDim.y} * C::BN) {
     float acc[C::BN / 2];
 #pragma unroll
     for (int i = 0; i < C::BN / 2; ++i) acc[i] = 0.0f;

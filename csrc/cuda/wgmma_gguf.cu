@@ -24,6 +24,7 @@
 #include "decode.cuh"
 #include "grouped_gemm.cuh"
 #include "kernels.h"
+#include "raster.h"
 #include "wgmma_common.cuh"
 #include "wgmma_ops.cuh"
 
@@ -135,7 +136,9 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
   const uint8_t* const raw_gen = smem + (raw_ring - a_ring);
 
   int64_t e, row0, rows;
-  if (!find_tile<C::BM>(a, blockIdx.x, e, row0, rows)) return;
+  // This block's M tile and first N tile, in the grouped order of raster.h.
+  const TileCoord tile = raster_tile(int64_t{blockIdx.y} * gridDim.x + blockIdx.x, gridDim.x, gridDim.y, kRasterGroup);
+  if (!find_tile<C::BM>(a, tile.m, e, row0, rows)) return;
   const int tid = threadIdx.x, wgi = tid / 128;
   const int piece = tid % 8, prow = tid / 8;  // this thread's x piece column and first tile row
   const int wrow = tid / C::TPR, half = tid % C::TPR;  // the weight row this thread copies and decodes
@@ -150,7 +153,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
   const uint8_t* const w_end = w + a.E * a.N * a.row_bytes;
   const int KT = static_cast<int>((a.K + BK - 1) / BK);
 
-  for (int64_t n0 = int64_t{blockIdx.y} * C::BN; n0 < a.N; n0 += int64_t{gridDim.y} * C::BN) {
+  for (int64_t n0 = tile.n * C::BN; n0 < a.N; n0 += int64_t{gridDim.y} * C::BN) {
     float acc[C::MI][C::BN / 2];
 #pragma unroll
     for (int m = 0; m < C::MI; ++m)

@@ -1,5 +1,6 @@
 // C++ tests of the host GGUF codecs (csrc/cpu/codec.cc, quantize.cc), SCALAR_GGUF's q8_1
-// staging and integer dot products (csrc/common/q8_1.h) and the CPU kernel (csrc/cpu/moe_cpu.cc),
+// staging and integer dot products (csrc/common/q8_1.h), the CPU kernel (csrc/cpu/moe_cpu.cc) and
+// the plain-C++ parts of the CUDA kernels (the MXFP4 GEMV lanes, the GEMMs' rasterization),
 // built with -fsanitize=address,undefined when JAX_MOE_SANITIZE=ON (tests/cpp/CMakeLists.txt).
 //
 // Every buffer handed to the code under test is a std::vector of exactly the size its shape
@@ -24,6 +25,7 @@
 #include "../../csrc/common/q8_1.h"
 #include "../../csrc/cpu/codec.h"
 #include "../../csrc/cpu/moe_cpu.h"
+#include "../../csrc/cuda/raster.h"
 
 using namespace jax_moe;
 
@@ -235,6 +237,29 @@ void test_mxfp4_gemv_lanes(std::mt19937_64& gen) {
       for (int g = 0; g < 4; ++g) {
         CHECK(mxfp4_group8(l.qa, g) == F::quant8(blocks[2 * c], 8 * g), "lane %d block a group %d\n", c, g);
         CHECK(mxfp4_group8(l.qb, g) == F::quant8(blocks[2 * c + 1], 8 * g), "lane %d block b group %d\n", c, g);
+      }
+    }
+  }
+}
+
+// The grouped GEMMs' rasterization (csrc/cuda/raster.h) visits every (M tile, N tile) exactly
+// once, and walks `group` M tiles across every N tile before the next group.
+void test_raster(std::mt19937_64&) {
+  for (int64_t group : {1, 3, 8}) {
+    for (int64_t mt = 1; mt <= 37; ++mt) {
+      for (int64_t nt = 1; nt <= 23; ++nt) {
+        std::vector<int> seen(static_cast<size_t>(mt * nt), 0);
+        bool in_range = true, grouped = true;
+        for (int64_t l = 0; l < mt * nt; ++l) {
+          const TileCoord t = raster_tile(l, mt, nt, group);
+          if (t.m < 0 || t.m >= mt || t.n < 0 || t.n >= nt) { in_range = false; continue; }
+          ++seen[static_cast<size_t>(t.m * nt + t.n)];
+          grouped = grouped && t.m / group == l / (group * nt);
+        }
+        bool once = true;
+        for (int v : seen) once = once && v == 1;
+        CHECK(in_range && once && grouped, "group %lld, %lld x %lld tiles\n", static_cast<long long>(group),
+              static_cast<long long>(mt), static_cast<long long>(nt));
       }
     }
   }
@@ -480,6 +505,7 @@ int main() {
       {"bad_arguments", [](std::mt19937_64&) { test_bad_arguments(); }},
       {"mxfp4_trait", test_mxfp4_trait},
       {"mxfp4_gemv_lanes", test_mxfp4_gemv_lanes},
+      {"raster", test_raster},
       {"q8_1", test_q8_1},
       {"moe_forward_cpu", test_moe_forward_cpu},
       {"moe_cpu_chunked", test_moe_forward_cpu_chunked},
