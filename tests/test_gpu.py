@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_moe import MoeKind, moe_matmul
+from jax_moe import GGMLType, MoeKind, moe_matmul
 
 from cases import check, make_case
 from reference import FORMATS, rel_err
@@ -88,7 +88,11 @@ def test_large_tiles_gpu(rng, T, kind, fmt, layout, dtype, reduce):
 # Many K steps (more than the GEMM's pipeline depth, with a partial last step), several N tiles
 # with a partial last one, and experts with several M tiles. On Hopper these take the wgmma
 # GEMM's three tiles: 64x128 (few blocks: T=40, E=16), 128x256 (T=300, E=2: 300 pairs per
-# expert, 3 M tiles) and 64x256 (T=300, E=64: 9 pairs per expert, hundreds of blocks).
+# expert, 3 M tiles; the warp-specialized kernel of wgmma_ws.cu, whose TMA boxes run past the last
+# expert's rows and past K) and 64x256 (T=300, E=64: 9 pairs per expert, hundreds of blocks).
+WGMMA_TILES = {(40, 16): "64x128", (300, 2): "128x256", (300, 64): "64x256"}
+
+
 @pytest.mark.parametrize("T,E,N,K", [(40, 16, 600, 1096), (300, 2, 600, 1096), (300, 64, 1040, 264)])
 @pytest.mark.parametrize("dtype,out_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"),
                                              ("bfloat16", "float32")])
@@ -96,6 +100,8 @@ def test_large_tiles_gpu(rng, T, kind, fmt, layout, dtype, reduce):
 def test_many_k_steps_and_n_tiles_gpu(rng, T, E, N, K, dtype, out_dtype, reduce):
     case = make_case(rng, kind=MoeKind.WMMA, dtype=dtype, reduce=reduce, T=T, k=2, E=E, N=N, K=K,
                      out_dtype=out_dtype)
+    if jax.devices("cuda")[0].compute_capability == "9.0":
+        assert current_plan(MoeKind.WMMA, case, reduce) == f"grouped_wgmma {WGMMA_TILES[T, E]}"
     check(gpu_run(case, reduce=reduce), case)
 
 
@@ -109,12 +115,13 @@ def test_gguf_many_blocks_gpu(rng, fmt, dtype):
 
 
 def current_plan(kind: MoeKind, case, reduce: bool) -> str:
-    """The kernel and tile the CUDA plan (plan.h) picks for this GGUF case on this GPU."""
+    """The kernel and tile the CUDA plan (plan.h) picks for this case on this GPU."""
     from jax_moe import _ext
     T, k = case.ids.shape
     E, N, K = case.w.shape
     x_rows = T * k if case.x.ndim == 3 else T
-    return _ext.cuda.plan_description(int(kind), int(case.w.qtype), 0, T, k, E, N, K, x_rows, reduce)
+    wtype = case.w.qtype if hasattr(case.w, "qtype") else GGMLType.F16 if case.w.dtype == jnp.float16 else GGMLType.BF16
+    return _ext.cuda.plan_description(int(kind), int(wtype), 0, T, k, E, N, K, x_rows, reduce)
 
 
 # The fused GGUF GEMM's edges: each of its tiles (T=60 over E=8 -> 15 pairs per expert, 64x128;

@@ -46,6 +46,8 @@ __device__ bool find_tile(const GemmArgs& a, int64_t m, int64_t& e, int64_t& row
 // The grouped GEMMs, each for the tiles the plan gives it (plan.h):
 // wgmma.cu: Hopper, dense ENK experts.
 std::string launch_wgmma(const MoeProblem& p, const GemmArgs& a, const CudaPlan& plan, cudaStream_t stream);
+// wgmma_ws.cu: Hopper, dense ENK experts, the 128 x 256 tile warp-specialized (TMA weights).
+std::string launch_wgmma_ws(const MoeProblem& p, const GemmArgs& a, cudaStream_t stream);
 // wgmma_gguf.cu: Hopper, GGUF experts decoded into shared memory inside the GEMM.
 std::string launch_wgmma_gguf(const MoeProblem& p, const GemmArgs& a, const CudaPlan& plan, cudaStream_t stream);
 // wmma.cu: any tensor-core GPU, dense experts in either layout or GGUF decoded in registers.

@@ -38,7 +38,6 @@ struct HopperTile {
   static constexpr int LD = BN + 8;  // row stride (floats) of the epilogue's staging, padded
   static_assert(BM * LD * 4 <= STAGES * STAGE_BYTES, "the epilogue's staging fits the ring");
 };
-using WideTile = HopperTile<2, 256, 4>;    // 128 x 256, for many pairs per expert
 using NarrowTile = HopperTile<1, 256, 5>;  // 64 x 256, when the work is streaming the weights
 using SlimTile = HopperTile<1, 128, 8>;    // 64 x 128, when 64 x 256 tiles would leave SMs idle
 
@@ -130,7 +129,7 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
 template <DType D>
 std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
   switch (tile) {
-    case GemmTile::kWide128x256: return launch_tile<D, WideTile>(p, a, stream);
+    case GemmTile::kWide128x256: return launch_wgmma_ws(p, a, stream);  // wgmma_ws.cu
     case GemmTile::kNarrow64x256: return launch_tile<D, NarrowTile>(p, a, stream);
     case GemmTile::kSlim64x128: return launch_tile<D, SlimTile>(p, a, stream);
     default: return "internal: grouped_wgmma_kernel has no tile " + std::to_string(static_cast<int>(tile));

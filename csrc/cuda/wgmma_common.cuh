@@ -98,12 +98,20 @@ __device__ __forceinline__ void tile_pairs(const GemmArgs& a, int64_t row0, int6
 // that each warp then writes whole rows with 16-byte stores. Register i of a block holds row
 // 16 * warp + lane / 4 + 8 * ((i / 2) % 2) of its 64, column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
 // Starts and ends with a barrier.
-template <int BM, int BN, int THREADS, int MI>
+// BAR = 0: the block's barrier; else named barrier BAR over the first THREADS threads (a
+// warp-specialized kernel whose producer does not take part).
+template <int BAR, int THREADS>
+__device__ __forceinline__ void tile_sync() {
+  if constexpr (BAR == 0) __syncthreads();
+  else asm volatile("bar.sync %0, %1;\n" ::"n"(BAR), "n"(THREADS) : "memory");
+}
+
+template <int BM, int BN, int THREADS, int MI, int BAR = 0>
 __device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[MI][BN / 2], float* stage,
                                          const int64_t* pair_of, const float* score_of, int64_t n0) {
   constexpr int LD = BN + 8;
   const int tid = threadIdx.x, wgi = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  __syncthreads();  // every warpgroup's tensor cores are done reading the ring
+  tile_sync<BAR, THREADS>();  // every warpgroup's tensor cores are done reading the ring
 #pragma unroll
   for (int m = 0; m < MI; ++m) {
     const int r0 = (wgi * MI + m) * 64 + warp * 16 + lane / 4;
@@ -115,21 +123,21 @@ __device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[M
       *reinterpret_cast<float2*>(stage + (r0 + 8) * LD + c) = make_float2(acc[m][4 * j + 2], acc[m][4 * j + 3]);
     }
   }
-  __syncthreads();
+  tile_sync<BAR, THREADS>();
   constexpr int PER_ROW = BN / 8;  // threads per row, 8 columns each
 #pragma unroll 1
   for (int i = tid; i < BM * PER_ROW; i += THREADS) {
     const int r = i / PER_ROW, c = (i % PER_ROW) * 8;
     store_row8(a, pair_of[r], score_of[r], n0 + c, stage + r * LD + c);
   }
-  __syncthreads();  // the staging area is free again
+  tile_sync<BAR, THREADS>();  // the staging area is free again
 }
 
 // One m64nBN block per warpgroup.
-template <int BM, int BN, int THREADS>
+template <int BM, int BN, int THREADS, int MI = 1, int BAR = 0>
 __device__ __forceinline__ void epilogue(const GemmArgs& a, const float (&acc)[BN / 2], float* stage,
                                          const int64_t* pair_of, const float* score_of, int64_t n0) {
-  epilogue<BM, BN, THREADS, 1>(a, reinterpret_cast<const float(&)[1][BN / 2]>(acc), stage, pair_of, score_of, n0);
+  epilogue<BM, BN, THREADS, 1, BAR>(a, reinterpret_cast<const float(&)[1][BN / 2]>(acc), stage, pair_of, score_of, n0);
 }
 
 }  // namespace hop
