@@ -32,6 +32,7 @@ struct HopperTile {
   static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;  // + slack to align the ring to 1024
   static constexpr int AP = BM * 8 / THREADS, BP = BN * 8 / THREADS;  // 16-byte pieces per thread
   static constexpr int ROW_STEP = THREADS / 8;                         // tile rows per piece round
+  static_assert(ROW_STEP % 8 == 0, "a thread's x pieces share one swizzle (XPieces)");
   static_assert(AP * THREADS == BM * 8 && BP * THREADS == BN * 8, "pieces split evenly");
   static_assert(A_BYTES % 1024 == 0 && STAGE_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
   static_assert(SMEM <= 227 * 1024, "fits Hopper's shared memory");
@@ -55,8 +56,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
   const int tid = threadIdx.x, wg = tid / 128;
   const int piece = tid % 8, prow = tid / 8;  // this thread's piece column and first tile row
 
-  const uint16_t* xsrc[C::AP];  // x rows of this thread's A pieces
-  hop::x_sources(a, row0, rows, prow, C::ROW_STEP, piece, xsrc);
+  const hop::XPieces<C::AP> xp(a, row0, rows, prow, C::ROW_STEP, piece);  // this thread's x pieces
   // Pairs and scores of the tile's rows, for the epilogue.
   __shared__ int64_t pair_of[C::BM];
   __shared__ float score_of[C::BM];
@@ -80,11 +80,12 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
         const int s = kt % C::STAGES;
         const uint32_t sa = ring + s * C::STAGE_BYTES + wg * 64 * kRowBytes;
         const uint32_t sb = ring + s * C::STAGE_BYTES + C::A_BYTES;
+        const uint64_t da = smem_desc(sa), db = smem_desc(sb);
         hop::fence_operands(acc);
         hop::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk)
-          Wgmma<D, C::BN>::mma(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
+          Wgmma<D, C::BN>::mma(acc, hop::desc_plus(da, kk * 32), hop::desc_plus(db, kk * 32));
         hop::wgmma_commit();
         hop::fence_operands(acc);
       }
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grouped_wgmma_kernel(GemmArgs a
       if (next < KT) {
         const int64_t k0 = int64_t{next} * BK;
         const uint32_t sa = ring + (next % C::STAGES) * C::STAGE_BYTES, sb = sa + C::A_BYTES;
-        hop::copy_x_pieces(a, xsrc, sa, prow, C::ROW_STEP, piece, k0);
+        xp.copy(a, sa, prow, C::ROW_STEP, piece, k0);
         const bool k_in = k0 + piece * 8 < a.K;  // K % 8 == 0: a piece is all in or all out
 #pragma unroll
         for (int i = 0; i < C::BP; ++i) {

@@ -55,32 +55,45 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
   return (uint64_t{(addr & 0x3FFFF) >> 4}) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
          (uint64_t{1} << 62);
 }
+// The descriptor of addr + bytes from addr's: the start address field (bits 0-13, addr / 16) takes
+// the offset without a carry while the shared-memory address stays below 2^18 (Hopper's 228 KiB
+// do), so one 64-bit add replaces rebuilding it (as CUTLASS's descriptor iterators do).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
 
-// x rows of a thread's AP A pieces (piece column `piece`, tile rows prow + i * row_step; nullptr:
-// no pair there, the piece is zero-filled).
+// A thread's AP pieces of the gathered x tile (piece column `piece`, tile rows prow + i * row_step):
+// each piece's source row (x itself where the tile row has no pair: always a valid address) and a
+// bit per piece that has a pair, so that a K step's copies are an add, a mask and a cp.async each.
 template <int AP>
-__device__ __forceinline__ void x_sources(const GemmArgs& a, int64_t row0, int64_t rows, int prow, int row_step,
-                                          int piece, const uint16_t* (&xsrc)[AP]) {
-  const auto* x = static_cast<const uint16_t*>(a.x);
-#pragma unroll
-  for (int i = 0; i < AP; ++i) {
-    const int r = prow + i * row_step;
-    const int64_t pair = r < rows ? a.perm[row0 + r] : -1;
-    xsrc[i] = pair < 0 ? nullptr : x + (a.x_per_pair ? pair : pair / a.k) * a.K + piece * 8;
-  }
-}
+struct XPieces {
+  static_assert(AP <= 32, "one bit per piece");
+  const uint16_t* src[AP];
+  uint32_t live = 0;
 
-// Those pieces of the K step starting at k0 into the swizzled A tile at shared address sa.
-template <int AP>
-__device__ __forceinline__ void copy_x_pieces(const GemmArgs& a, const uint16_t* const (&xsrc)[AP], uint32_t sa,
-                                              int prow, int row_step, int piece, int64_t k0) {
-  const bool k_in = k0 + piece * 8 < a.K;  // K % 8 == 0: a piece is all in or all out
+  __device__ __forceinline__ XPieces(const GemmArgs& a, int64_t row0, int64_t rows, int prow, int row_step, int piece) {
+    const auto* x = static_cast<const uint16_t*>(a.x);
 #pragma unroll
-  for (int i = 0; i < AP; ++i) {
-    const bool ok = k_in && xsrc[i] != nullptr;
-    cp_async16(sa + swizzled(prow + i * row_step, piece), ok ? xsrc[i] + k0 : a.x, ok);
+    for (int i = 0; i < AP; ++i) {
+      const int r = prow + i * row_step;
+      const int64_t pair = r < rows ? a.perm[row0 + r] : -1;
+      src[i] = pair < 0 ? x : x + (a.x_per_pair ? pair : pair / a.k) * a.K + piece * 8;
+      live |= static_cast<uint32_t>(pair >= 0) << i;
+    }
   }
-}
+
+  // The pieces of the K step starting at k0 into the swizzled A tile at shared address sa: 16 bytes
+  // where the piece has a pair and lies inside K (K % 8 == 0: all in or all out), else zeros (read
+  // from a valid address, none of its bytes).
+  __device__ __forceinline__ void copy(const GemmArgs& a, uint32_t sa, int prow, int row_step, int piece,
+                                       int64_t k0) const {
+    const bool k_in = k0 + piece * 8 < a.K;
+    const int64_t koff = k_in ? k0 : 0;
+    const uint32_t live_k = k_in ? live : 0u;
+    const uint32_t dst = sa + swizzled(prow, piece);  // tile rows prow + i row_step: the same swizzle (row_step % 8 == 0)
+#pragma unroll
+    for (int i = 0; i < AP; ++i)
+      cp_async16(dst + i * row_step * kRowBytes, src[i] + koff, static_cast<int>((live_k >> i) & 1u) * 16);
+  }
+};
 
 // The tile's pairs and their scores, for the epilogue (rows past `rows` get pair -1).
 template <int BM>

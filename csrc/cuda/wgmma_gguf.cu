@@ -70,6 +70,7 @@ struct GgufTile {
   static constexpr int STATIC_SMEM = BM * (8 + 4);  // pair_of, score_of
   static constexpr int AP = BM * 8 / THREADS;  // A pieces per thread and step
   static constexpr int ROW_STEP = THREADS / 8;
+  static_assert(ROW_STEP % 8 == 0, "a thread's x pieces share one swizzle (XPieces)");
   static_assert(kSuper % F::QK == 0 && F::SUB % 8 == 0 && (DP * 8) % F::SUB == 0,
                 "a raw stage holds whole blocks; a thread's pieces whole sub-blocks");
   static_assert(AP * THREADS == BM * 8 && TPR * BN == THREADS && DP * TPR == 8, "pieces split evenly");
@@ -143,8 +144,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
   const int piece = tid % 8, prow = tid / 8;  // this thread's x piece column and first tile row
   const int wrow = tid / C::TPR, half = tid % C::TPR;  // the weight row this thread copies and decodes
 
-  const uint16_t* xsrc[C::AP];  // x rows of this thread's A pieces
-  hop::x_sources(a, row0, rows, prow, C::ROW_STEP, piece, xsrc);
+  const hop::XPieces<C::AP> xp(a, row0, rows, prow, C::ROW_STEP, piece);  // this thread's x pieces
   __shared__ int64_t pair_of[C::BM];
   __shared__ float score_of[C::BM];
   hop::tile_pairs<C::BM>(a, row0, rows, pair_of, score_of);
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
     auto copy_step = [&](int j) {
       const int64_t k0 = int64_t{j} * BK;
       const uint32_t sa = a_ring + (j % C::A_STAGES) * C::A_BYTES;
-      hop::copy_x_pieces(a, xsrc, sa, prow, C::ROW_STEP, piece, k0);
+      xp.copy(a, sa, prow, C::ROW_STEP, piece, k0);
       if (j == 0) {
         for (int64_t s = 0; s * kSuper < a.K && 4 * s <= C::RAW_LEAD; ++s) copy_raw(s);
       } else if ((j + C::RAW_LEAD) % kStepsPerSuper == 0 && int64_t{j + C::RAW_LEAD} * BK < a.K) {
@@ -241,11 +241,12 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
 #pragma unroll
       for (int m = 0; m < C::MI; ++m) hop::fence_operands(acc[m]);
       hop::wgmma_fence();
+      const uint64_t da = hop::smem_desc(sa), db = hop::smem_desc(sb);
 #pragma unroll
       for (int m = 0; m < C::MI; ++m)
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk)
-          Wgmma<D, C::BN>::mma(acc[m], hop::smem_desc(sa + m * 64 * kRowBytes + kk * 32), hop::smem_desc(sb + kk * 32));
+          Wgmma<D, C::BN>::mma(acc[m], hop::desc_plus(da, m * 64 * kRowBytes + kk * 32), hop::desc_plus(db, kk * 32));
       hop::wgmma_commit();
 #pragma unroll
       for (int m = 0; m < C::MI; ++m) hop::fence_operands(acc[m]);

@@ -41,6 +41,7 @@ struct WsTile {
   static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;  // + slack to align the ring to 1024
   static constexpr int AP = BM * 8 / 128;                   // x pieces per producer thread and stage
   static constexpr int ROW_STEP = 128 / 8;
+  static_assert(ROW_STEP % 8 == 0, "a thread's x pieces share one swizzle (XPieces)");
   static_assert(LAG >= 1 && LAG < STAGES, "the producer releases a stage before it needs that slot again");
   static_assert(A_BYTES % 1024 == 0 && STAGE_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
   static_assert(SMEM <= 227 * 1024, "fits Hopper's shared memory");
@@ -123,8 +124,7 @@ __global__ void __launch_bounds__(WsTile::THREADS, 1)
     // ---- producer ----
     setmaxnreg_dec<C::PRODUCER_REGS>();
     const int ptid = tid - C::CONSUMER_THREADS, piece = ptid % 8, prow = ptid / 8;
-    const uint16_t* xsrc[C::AP];
-    hop::x_sources(a, row0, rows, prow, C::ROW_STEP, piece, xsrc);
+    const hop::XPieces<C::AP> xp(a, row0, rows, prow, C::ROW_STEP, piece);
     const int32_t wrow = static_cast<int32_t>(e * a.N + n0);  // first weight row of the tile in [E N, K]
     for (int j = 0; j < KT; ++j) {
       const int s = j % C::STAGES;
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(WsTile::THREADS, 1)
         mbar_arrive_expect_tx(full0 + 8 * s, C::B_BYTES);
         tma_load_2d(sb, &wmap, j * BK, wrow, full0 + 8 * s);
       }
-      hop::copy_x_pieces(a, xsrc, sa, prow, C::ROW_STEP, piece, int64_t{j} * BK);
+      xp.copy(a, sa, prow, C::ROW_STEP, piece, int64_t{j} * BK);
       hop::cp_async_commit();
       if (j >= C::LAG) {  // stage j - LAG's pieces of this thread have landed
         hop::cp_async_wait<C::LAG>();
@@ -156,10 +156,11 @@ __global__ void __launch_bounds__(WsTile::THREADS, 1)
     const int s = j % C::STAGES;
     mbar_wait(full0 + 8 * s, (j / C::STAGES) & 1);
     const uint32_t sa = ring + s * C::STAGE_BYTES + wg * 64 * kRowBytes, sb = ring + s * C::STAGE_BYTES + C::A_BYTES;
+    const uint64_t da = smem_desc(sa), db = smem_desc(sb);
     hop::fence_operands(acc);
     hop::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) Wgmma<D, C::BN>::mma(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
+    for (int kk = 0; kk < BK / 16; ++kk) Wgmma<D, C::BN>::mma(acc, hop::desc_plus(da, kk * 32), hop::desc_plus(db, kk * 32));
     hop::wgmma_commit();
     hop::fence_operands(acc);
     hop::wgmma_wait<1>();  // stage j - 1's wgmmas are done: release it
