@@ -74,7 +74,11 @@ def _ncu_rows(lid: int, kernel: str, us: float, dram: float) -> str:
             f'{base},"GPU Speed Of Light Throughput","DRAM Throughput","%","{dram}","","",""\n'
             f'{base},"Occupancy","Achieved Occupancy","%","23.5","","",""\n'
             f'{base},"Launch Statistics","Registers Per Thread","register/thread","127","","",""\n'
-            f'{base},"WarpStateStats","","","","SOLBottleneck","WRN","a rule row without a metric"\n')
+            f'{base},"WarpStateStats","","","","SOLBottleneck","WRN","a rule row without a metric"\n'
+            f'{base},"Command line profiler metrics","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","","{dram / 10}","","",""\n'
+            f'{base},"Command line profiler metrics","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","","1.5","","",""\n'
+            f'{base},"Command line profiler metrics","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","","0.25","","",""\n'
+            f'{base},"Command line profiler metrics","smsp__average_warps_issue_stalled_selected_per_issue_active.ratio","","0.1","","",""\n')
 
 
 def test_profile_decode_table_takes_each_rows_warm_launch_and_checks_its_kernel():
@@ -90,6 +94,7 @@ def test_profile_decode_table_takes_each_rows_warm_launch_and_checks_its_kernel(
     cells = [c.strip() for c in md[2].split("|")[1:-1]]
     assert cells[:5] == ["mixtral/gate_up/1/WMMA_GGUF/Q4_K", "mma_gemv", "94.6", "30.7", f"{100 * 30.7 / 94.6:.1f}"]
     assert cells[5] == "30.5" and cells[7] == "23.5" and cells[8] == "127"
+    assert cells[10] == "long_scoreboard 3.05, wait 1.50, barrier 0.25"  # the three largest, largest first
     assert [c.strip() for c in md[3].split("|")[1:-1]][2] == "128.0"  # the warm (second) launch
     with pytest.raises(ValueError, match="profiled kernel"):
         pd.table(text, rows[::-1])  # a plan that does not match the launched kernel

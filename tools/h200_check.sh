@@ -77,7 +77,7 @@ if [ "$MODE" = decode-ncu ]; then
   cd ..
   timeout ${NCU_S:-400} ncu --clock-control none --csv --page details --log-file "$OUT/decode_ncu.csv" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --kernel-name regex:"token_gemv|mma_gemv|grouped_w" \
+    --metrics "$(python3 tools/profile_decode.py metrics)" --kernel-name regex:"token_gemv|mma_gemv|grouped_w" \
     python3 tools/profile_decode.py run "$OUT/decode_rows.json" --only "${ONLY:-}" > "$OUT/decode_run.log" 2>&1
   python3 tools/profile_decode.py table "$OUT/decode_ncu.csv" "$OUT/decode_rows.json" | tee "$OUT/decode_ncu.md"
   exit 0

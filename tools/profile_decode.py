@@ -7,7 +7,7 @@ per issued instruction.
 On the GPU (tools/h200_check.sh decode-ncu does both steps):
     ncu --clock-control none --csv --page details --log-file ncu.csv \\
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \\
-        --kernel-name regex:"token_gemv|mma_gemv|grouped_w" \\
+        --metrics $(python3 tools/profile_decode.py metrics) --kernel-name regex:"token_gemv|mma_gemv|grouped_w" \\
         python3 tools/profile_decode.py run rows.json [--only SUBSTR,...]
     python3 tools/profile_decode.py table ncu.csv rows.json > decode_ncu.md
 """
@@ -23,6 +23,11 @@ import re
 import sys
 
 KERNEL_RE = "token_gemv|mma_gemv|grouped_w"  # the main kernel of every path (not the grouping helpers)
+# Why warps wait: ncu's average warps stalled per issued instruction, by reason (ncu --metrics).
+STALLS = ("long_scoreboard", "short_scoreboard", "wait", "barrier", "math_pipe_throttle", "mio_throttle",
+          "lg_throttle", "not_selected", "selected", "no_instruction", "dispatch_stall", "branch_resolving",
+          "tex_throttle", "membar", "drain", "imc_miss", "sleeping", "misc")
+STALL_METRIC = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
 CALLS = 2  # per row: the first compiles and warms up; the table takes the last
 
 
@@ -106,14 +111,20 @@ def _us(metric: tuple[str, str]) -> float:
     return _number(value) * scale
 
 
+def top_stalls(metrics: dict, n: int = 3) -> str:
+    """The n largest stall reasons of one launch, as 'reason value' (warps per issued instruction)."""
+    got = [(_number(metrics[STALL_METRIC.format(r)][1]), r) for r in STALLS if STALL_METRIC.format(r) in metrics]
+    return ", ".join(f"{r} {v:.2f}" for v, r in sorted(got, reverse=True)[:n]) or "-"
+
+
 def table(ncu_text: str, rows: list[dict]) -> str:
     """The markdown table: row i takes launch CALLS * i + CALLS - 1 (its warm call); a launch whose
     kernel is not the one the row's plan names is reported, not guessed around."""
     launches = parse_ncu(ncu_text)
     if len(launches) != CALLS * len(rows):
         raise ValueError(f"{len(launches)} profiled launches for {len(rows)} rows x {CALLS} calls")
-    out = ["| row | plan | kernel µs | floor µs | % floor | DRAM % | SM % | occupancy % | registers | cycles / issue |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| row | plan | kernel µs | floor µs | % floor | DRAM % | SM % | occupancy % | registers | cycles / issue "
+           "| top stalls (cycles / issue) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         launch = launches[CALLS * i + CALLS - 1]
         if not launched(r["plan"], launch["kernel"]):
@@ -125,7 +136,7 @@ def table(ncu_text: str, rows: list[dict]) -> str:
             return f"{_number(m[name][1]):.{p}f}" if name in m else "-"
         out.append(f"| {r['tag']} | {r['plan']} | {us:.1f} | {r['floor_us']:.1f} | {100 * r['floor_us'] / us:.1f} | "
                    f"{g('DRAM Throughput')} | {g('Compute (SM) Throughput')} | {g('Achieved Occupancy')} | "
-                   f"{g('Registers Per Thread', 0)} | {g('Warp Cycles Per Issued Instruction', 2)} |")
+                   f"{g('Registers Per Thread', 0)} | {g('Warp Cycles Per Issued Instruction', 2)} | {top_stalls(m)} |")
     return "\n".join(out) + "\n"
 
 
@@ -138,8 +149,11 @@ def main() -> None:
     t = sub.add_parser("table", help="the markdown table from ncu's CSV and the rows")
     t.add_argument("ncu_csv")
     t.add_argument("rows")
+    sub.add_parser("metrics", help="the --metrics list for ncu (the stall reasons)")
     opts = ap.parse_args()
-    if opts.cmd == "run":
+    if opts.cmd == "metrics":
+        print(",".join(STALL_METRIC.format(r) for r in STALLS))
+    elif opts.cmd == "run":
         run(opts.rows, opts.only)
     else:
         with open(opts.ncu_csv) as fh, open(opts.rows) as fr:
