@@ -14,12 +14,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 t0=$(date +%s)
-if ! python3 -c "import jax_moe._jax_moe_cuda" 2>/dev/null; then
+# Rebuild where the module is missing or older than a carried kernel archive (a warm machine keeps
+# the last call's build, which would otherwise run the previous kernels).
+stamp=build/h200/.prebuilt-stamp
+if ! python3 -c "import jax_moe._jax_moe_cuda" 2>/dev/null || { [ -f .dev/libjax_moe_cuda_kernels.a ] && \
+     ! cmp -s .dev/libjax_moe_cuda_kernels.a "$stamp"; }; then
   # .dev/libjax_moe_cuda_kernels.a, when carried: the kernels built for 90a on the development machine.
   pre=""; [ -f .dev/libjax_moe_cuda_kernels.a ] && pre="-Ccmake.define.JAX_MOE_PREBUILT_CUDA_KERNELS=$PWD/.dev/libjax_moe_cuda_kernels.a"
   python3 -m pip install --no-build-isolation --no-deps -e . -Cbuild-dir=build/h200 $pre \
     -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a -Ccmake.define.JAX_MOE_CUDA=ON > "$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 1; }
+  [ -f .dev/libjax_moe_cuda_kernels.a ] && cp .dev/libjax_moe_cuda_kernels.a "$stamp"
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 summary=()

@@ -107,7 +107,8 @@ def parse_ncu(text: str) -> list[dict]:
 
 def _us(metric: tuple[str, str]) -> float:
     unit, value = metric
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}[unit]
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6,
+             "s": 1e6}[unit]  # ncu 2025+ writes ns / us
     return _number(value) * scale
 
 

@@ -73,6 +73,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 // packed D values. struct Raw: the lane's raw bytes of one chunk of one row (registers, loaded
 // ahead DEPTH chunks); load(raw, row, ch, c); prep(raw, c, prep) once per chunk;
 // group<G>(raw, prep[, c]) -> uint4 (8 packed values, element 0 in the low half of .x).
+// MIN_BLOCKS: the blocks of kMmaMaxWarps warps per SM the kernel is compiled for (its register cap).
 
 // Any GGUF format through its Format<> traits (decode8_rounded: ggml's formulas, rounded once to
 // D), read from global memory as the format's alignment allows. Lane c covers elements
@@ -80,7 +81,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 template <class F, DType D>
 struct GgufTile {
   static_assert(kMmaChunk % F::QK == 0 && F::SUB % 8 == 0 && 64 % F::SUB == 0, "chunk holds whole sub-blocks");
-  static constexpr int GROUPS = 8, DEPTH = 1;
+  static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 2;
   struct Raw { const uint8_t* chunk; };
   struct Prep { float a, m; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -114,7 +115,9 @@ struct KQuantTile {
   static constexpr bool Q5 = T == GGMLType::Q5_K;
   static_assert(T == GGMLType::Q4_K || Q5, "Q4_K or Q5_K");
   static constexpr int BLOCK = Q5 ? 176 : 144, QS = Q5 ? 48 : 16;
-  static constexpr int GROUPS = 8, DEPTH = 2;
+  // Q4_K: one chunk ahead in 80 registers, 3 blocks (24 warps) per SM; Q5_K needs 2 chunks ahead
+  // and 2 blocks (80 registers spill). benchmarks/NOTES.md, v25.
+  static constexpr int GROUPS = 8, DEPTH = Q5 ? 2 : 1, MIN_BLOCKS = Q5 ? 2 : 3;
   struct Raw { uint4 h, q0, q1, qh0, qh1; };
   struct Prep { float a0, m0, a1, m1; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -177,7 +180,7 @@ struct KQuantTile {
 // (a funnel shift per word), block 2c + 1's on one.
 template <DType D>
 struct Q80Tile {
-  static constexpr int GROUPS = 8, DEPTH = 2;
+  static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 3;  // 80 registers, no spills (v25)
   struct Raw { uint2 v[9]; };
   struct Prep { float a0, a1; uint32_t w[17]; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -228,7 +231,7 @@ struct Q80Tile {
 template <DType D>
 struct Mxfp4Tile {
   using F = Format<GGMLType::MXFP4>;
-  static constexpr int GROUPS = 8, DEPTH = 2, CHUNK_BYTES = kMmaChunk / F::QK * 17;
+  static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 3, CHUNK_BYTES = kMmaChunk / F::QK * 17;
   static_assert(CHUNK_BYTES == 136 && sizeof(typename F::Block) == 17, "8 blocks of 17 bytes per chunk");
   struct Raw { uint2 v[5]; };
   struct Prep { float a0, a1; Mxfp4Lane l; };
@@ -278,7 +281,7 @@ struct Words2 {
 // the four 8-bit scales scales[4c ..] and d, each read once per chunk.
 template <DType D>
 struct Q6KTile {
-  static constexpr int GROUPS = 8, DEPTH = 1;
+  static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 2;
   struct Raw { Words2<16> ql; Words2<8> qh; uint16_t s0, s1, d; int sl, sh; };
   struct Prep { float a[4]; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -402,7 +405,7 @@ __device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* rowa, c
 
 // grid.x: tiles of 16 rows; grid.y: groups of a.group touched experts (ranked by expert id).
 template <class Tile, DType D>
-__global__ void __launch_bounds__(kMmaMaxWarps * 32, 2) mma_gemv_kernel(MmaGemvArgs a) {
+__global__ void __launch_bounds__(kMmaMaxWarps * 32, Tile::MIN_BLOCKS) mma_gemv_kernel(MmaGemvArgs a) {
   __shared__ int32_t s_ids[kMmaMaxPairs];
   __shared__ uint32_t s_bits[kMmaMaxE / 32];
   __shared__ int32_t s_rank[kMmaMaxE / 32];  // touched experts in the words before
@@ -539,12 +542,29 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   const int P = static_cast<int>(p.pairs());
   const int chunks = static_cast<int>(p.K / (32 * Tile::GROUPS));
   const int U = static_cast<int>(p.E < p.pairs() ? p.E : p.pairs());  // experts that can be touched
-  // At least 4 chunks per item where K allows; the partials must fit in shared memory.
+  // K splits. With reduce, a block holds all of a tile's experts (grid.y = 1) and its warps take the
+  // (expert, split) items in turn: at least 4 chunks per item where K allows, which evens the warps
+  // out when an expert or two is missing. Without reduce, splits only add blocks: split until the grid
+  // holds 1.5 waves of resident warps, since longer items keep each warp's loads streaming
+  // (benchmarks/NOTES.md, v25). The partials must fit in shared memory.
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return launch_error("mma_gemv_kernel (multiprocessor count)");
+  const int64_t tiles = (p.N + kMmaRows - 1) / kMmaRows;
+  const int64_t wave = int64_t{sms} * kMmaMaxWarps * Tile::MIN_BLOCKS;  // resident warps, all SMs
+  auto fits = [&](int s) { return static_cast<int64_t>(s) * P * kMmaRows * 4 <= kMmaPartialBytes; };
+  auto group_of = [&](int s) { return p.reduce ? U : std::max(1, std::min(U, 8 / s)); };
+  auto warps_of = [&](int s) {
+    const int g = group_of(s);
+    return tiles * ((U + g - 1) / g) * std::min(kMmaMaxWarps, g * s);
+  };
   int splits = 1;
-  while (splits * 2 <= chunks / 4 && splits * 2 <= 8 &&
-         static_cast<int64_t>(splits) * 2 * P * kMmaRows * 4 <= kMmaPartialBytes)
-    splits *= 2;
-  const int group = p.reduce ? U : std::max(1, std::min(U, 8 / splits));
+  if (p.reduce) {
+    while (splits * 2 <= chunks / 4 && splits * 2 <= 8 && fits(splits * 2)) splits *= 2;
+  } else {
+    while (splits * 2 <= chunks && splits * 2 <= 8 && fits(splits * 2) && 2 * warps_of(splits) < 3 * wave) splits *= 2;
+  }
+  const int group = group_of(splits);
   const int items = group * splits;
   const int warps = std::min(kMmaMaxWarps, std::max(1, items));
   MmaGemvArgs a{b.x, b.ids, b.w, b.scores, b.out, p.T, p.k, p.N, p.K, p.E,
