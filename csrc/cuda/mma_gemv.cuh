@@ -544,9 +544,11 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   const int U = static_cast<int>(p.E < p.pairs() ? p.E : p.pairs());  // experts that can be touched
   // K splits. With reduce, a block holds all of a tile's experts (grid.y = 1) and its warps take the
   // (expert, split) items in turn: at least 4 chunks per item where K allows, which evens the warps
-  // out when an expert or two is missing. Without reduce, splits only add blocks: split until the grid
-  // holds 1.5 waves of resident warps, since longer items keep each warp's loads streaming
-  // (benchmarks/NOTES.md, v25). The partials must fit in shared memory.
+  // out when an expert or two is missing. Without reduce, splits only add blocks: the tiles built for
+  // 3 blocks per SM split until the grid holds 1.5 waves of resident warps, since longer items keep
+  // each warp's loads streaming (benchmarks/NOTES.md, v25); the others, with 16 warps per SM and
+  // Q6_K and GgufTile one chunk ahead, keep the first rule (they measured slower without it). The
+  // partials must fit in shared memory.
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     return launch_error("mma_gemv_kernel (multiprocessor count)");
@@ -559,7 +561,7 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
     return tiles * ((U + g - 1) / g) * std::min(kMmaMaxWarps, g * s);
   };
   int splits = 1;
-  if (p.reduce) {
+  if (p.reduce || Tile::MIN_BLOCKS < 3) {
     while (splits * 2 <= chunks / 4 && splits * 2 <= 8 && fits(splits * 2)) splits *= 2;
   } else {
     while (splits * 2 <= chunks && splits * 2 <= 8 && fits(splits * 2) && 2 * warps_of(splits) < 3 * wave) splits *= 2;
