@@ -2,7 +2,8 @@
 experts (csrc/cuda/mma_gemv.cuh) in every format, dtype, x rank and reduce mode, and the token
 GEMV for dense experts, against the float64 reference, with partial row tiles (N % 16 != 0),
 experts with more than 8 pairs (several passes), K split across warps, out-of-range ids, and the
-plan choosing the GEMV for each case."""
+plan choosing the GEMV for each case; and MXFP4's GEMV where K % 256 != 0 (gpt-oss's K = 2880:
+rows on 2-byte boundaries and a partial last chunk)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,36 @@ def test_gguf_mma_gemv_rounds_each_weight_once(rng):
             want = np.asarray(jnp.asarray(dec, jnp.bfloat16).astype(jnp.float32))
             # Equal values (a decoded -0 comes out +0: the f32 sum starts at +0).
             np.testing.assert_array_equal(out, want, err_msg=f"{fmt} column {i}")
+
+
+# MXFP4 at K % 256 == 64, 128, 192 (a partial last chunk: lanes past K read nothing), with rows off
+# 8-byte boundaries (K / 32 x 17 bytes), several row tiles, more than 8 pairs per expert and K splits.
+MXFP4_ODD_K = [(1, 4, 6, 96, 2880, False), (3, 4, 8, 40, 320, True), (4, 6, 1, 33, 448, False),
+               (6, 2, 3, 77, 2880 - 128, True)]
+
+
+@pytest.mark.parametrize("T,k,E,N,K,invalid", MXFP4_ODD_K)
+@pytest.mark.parametrize("dtype,reduce,x_rank", [("bfloat16", True, 3), ("bfloat16", False, 2), ("float16", False, 3)])
+def test_mxfp4_mma_gemv_k_not_a_multiple_of_256(rng, T, k, E, N, K, invalid, dtype, reduce, x_rank):
+    case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt="MXFP4", dtype=dtype, reduce=reduce, x_rank=x_rank,
+                     T=T, k=k, E=E, N=N, K=K, invalid_ids=invalid)
+    assert _plan(MoeKind.WMMA_GGUF, case, reduce) == "mma_gemv"
+    check(gpu_run(case, reduce=reduce), case)
+
+
+def test_mxfp4_mma_gemv_partial_chunk_columns(rng):
+    """x a unit vector e_i with i in the last, partial chunk (and one before it): the output is
+    exactly the gguf-py decode of column i rounded once to bf16, in rows off 8-byte boundaries."""
+    for K in (320, 2880):
+        case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt="MXFP4", dtype="bfloat16", reduce=False, T=1, k=1, E=1,
+                         N=19, K=K, invalid_ids=False, with_scores=False)
+        tail0 = K // 256 * 256
+        for i in [0, tail0 - 1, tail0, K - 33, K - 1]:
+            x = np.zeros((1, K), np.float32)
+            x[0, i] = 1.0
+            unit = Case(jnp.asarray(x, jnp.bfloat16), case.ids, case.w, None, case.ref, "float32")
+            assert _plan(MoeKind.WMMA_GGUF, unit, False) == "mma_gemv"
+            out = np.asarray(gpu_run(unit, reduce=False)).reshape(-1)
+            dec = gguf_decode(np.asarray(case.w.data), "MXFP4", K)[0, :, i]
+            want = np.asarray(jnp.asarray(dec, jnp.bfloat16).astype(jnp.float32))
+            np.testing.assert_array_equal(out, want, err_msg=f"K {K} column {i}")

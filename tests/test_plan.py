@@ -83,6 +83,20 @@ def test_gguf_gemv_crossover(device):
     assert plan(kind, wtype, 4 * per_expert + 1, device=device, **odd_k).startswith("grouped_")
 
 
+@pytest.mark.parametrize("device", ["hopper", "generic"])
+def test_mxfp4_gemv_takes_k_a_multiple_of_64(device):
+    """MXFP4's GEMV tile reads rows on any 2-byte boundary and a partial last chunk, so gpt-oss
+    (K = 2880, not a multiple of 256) decodes in the tensor-core GEMV; K % 64 != 0 (a lane's share
+    of a chunk) and the other formats at K % 256 != 0 keep the token GEMV."""
+    mxfp4 = int(GGMLType.MXFP4)
+    gpt_oss = dict(E=32, k=4, N=2 * 2880, K=2880)
+    for T in (1, 2, 8, 64):
+        assert plan(MoeKind.WMMA_GGUF, mxfp4, T, device=device, **gpt_oss) == "mma_gemv"
+    assert plan(MoeKind.WMMA_GGUF, mxfp4, 1, device=device, **{**gpt_oss, "K": 2880 + 32}) == "token_gemv"
+    assert plan(MoeKind.WMMA_GGUF, int(GGMLType.Q8_0), 1, device=device, **gpt_oss) == "token_gemv"
+    assert plan(MoeKind.WMMA_GGUF, mxfp4, 1, device=device, **{**gpt_oss, "K": 64}) == "mma_gemv"
+
+
 @pytest.mark.parametrize("shape", [MIXTRAL, QWEN3, dict(E=256, k=8, N=2 * 2048, K=7168)])
 @pytest.mark.parametrize("T", [8, 64, 512, 4096])
 @pytest.mark.parametrize("reduce", [True, False])

@@ -245,18 +245,31 @@ JM_HD uint32_t funnel_r(uint32_t lo, uint32_t hi, int s) {
 #endif
 }
 
-// MXFP4 as the tensor-core GEMV's lane c (0..3) sees a 256-element chunk (8 blocks, 136 bytes,
-// 8-byte aligned where K % 256 == 0): it owns blocks 2c and 2c + 1, bytes 34c .. 34c + 33, which
-// the ten little-endian words w of the 40 bytes from 8-byte boundary (34c) & ~7 cover, never
-// past the chunk. From them: each block's scale byte and its 16 quant bytes as four words (the
-// lane's offset in those 40 bytes, 0, 2, 4 or 6, is a word select and a 16-bit funnel shift).
+// MXFP4 as the tensor-core GEMV's lane c (0..3) sees a 256-element chunk (8 blocks, 136 bytes):
+// it owns blocks 2c and 2c + 1, the 34 bytes at 34c. mxfp4_lane_addr says where they are: the
+// five aligned 8-byte words from the 8-byte boundary at or below the lane's first byte hold them,
+// since a row (K / 32 x 17 bytes) starts on a 2-byte boundary at least (8-byte where K % 256 == 0;
+// not gpt-oss's K = 2880, 1530-byte rows), so that byte sits 0, 2, 4 or 6 = 2 x `at` bytes past
+// the boundary and the last, 33 further on, inside the fifth word: no read goes past the 8-byte
+// word that holds the lane's last byte (tests/cpp: mxfp4_gemv_rows).
+struct Mxfp4LaneAddr {
+  const uint8_t* words;  // the 8-byte boundary
+  int at;                // the lane's first byte is 2 x at bytes past it
+};
+JM_HD Mxfp4LaneAddr mxfp4_lane_addr(const uint8_t* row, int64_t ch, int c) {
+  const uintptr_t s = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(ch * 136 + 34 * c);
+  return {reinterpret_cast<const uint8_t*>(s & ~uintptr_t{7}), static_cast<int>(s & 7) >> 1};
+}
+// From the ten little-endian words w of those 40 bytes and `at`: each block's scale byte and its 16
+// quant bytes as four words (the offset 2 x at is a word select and a 16-bit funnel shift).
+// Where rows are 8-byte aligned, at = c.
 struct Mxfp4Lane {
   uint32_t qa[4], qb[4];  // quant bytes qs[0..15] of blocks 2c and 2c + 1
   uint8_t ea, eb;         // their E8M0 scales
 };
-JM_HD Mxfp4Lane mxfp4_lane(const uint32_t (&w)[10], int c) {
-  const bool up = c >= 2;
-  const int s = 16 * (c & 1);
+JM_HD Mxfp4Lane mxfp4_lane(const uint32_t (&w)[10], int at) {
+  const bool up = at >= 2;
+  const int s = 16 * (at & 1);
   uint32_t W[9];  // W[i]: the lane's bytes 4i .. 4i + 3
   for (int i = 0; i < 9; ++i) W[i] = funnel_r(up ? w[i + 1] : w[i], up ? (i + 2 < 10 ? w[i + 2] : 0u) : w[i + 1], s);
   Mxfp4Lane l;

@@ -73,7 +73,8 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 // packed D values. struct Raw: the lane's raw bytes of one chunk of one row (registers, loaded
 // ahead DEPTH chunks); load(raw, row, ch, c); prep(raw, c, prep) once per chunk;
 // group<G>(raw, prep[, c]) -> uint4 (8 packed values, element 0 in the low half of .x).
-// MIN_BLOCKS: the blocks of kMmaMaxWarps warps per SM the kernel is compiled for (its register cap).
+// MIN_BLOCKS: the blocks of kMmaMaxWarps warps per SM the kernel is compiled for (its register cap);
+// PARTIAL_K: whether the tile reads rows where K % 256 != 0 (plan.h: mma_gemv_k_fits).
 
 // Any GGUF format through its Format<> traits (decode8_rounded: ggml's formulas, rounded once to
 // D), read from global memory as the format's alignment allows. Lane c covers elements
@@ -82,6 +83,7 @@ template <class F, DType D>
 struct GgufTile {
   static_assert(kMmaChunk % F::QK == 0 && F::SUB % 8 == 0 && 64 % F::SUB == 0, "chunk holds whole sub-blocks");
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 2;
+  static constexpr bool PARTIAL_K = false;
   struct Raw { const uint8_t* chunk; };
   struct Prep { float a, m; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -118,6 +120,7 @@ struct KQuantTile {
   // Q4_K: one chunk ahead in 80 registers, 3 blocks (24 warps) per SM; Q5_K needs 2 chunks ahead
   // and 2 blocks (80 registers spill). benchmarks/NOTES.md, v25.
   static constexpr int GROUPS = 8, DEPTH = Q5 ? 2 : 1, MIN_BLOCKS = Q5 ? 2 : 3;
+  static constexpr bool PARTIAL_K = false;
   struct Raw { uint4 h, q0, q1, qh0, qh1; };
   struct Prep { float a0, m0, a1, m1; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -181,6 +184,7 @@ struct KQuantTile {
 template <DType D>
 struct Q80Tile {
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 3;  // 80 registers, no spills (v25)
+  static constexpr bool PARTIAL_K = false;
   struct Raw { uint2 v[9]; };
   struct Prep { float a0, a1; uint32_t w[17]; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -223,28 +227,31 @@ struct Q80Tile {
   }
 };
 
-// MXFP4 from 8-byte loads: a chunk is 8 blocks of 17 bytes (136, 8-byte aligned rows where
-// K % 256 == 0); lane c's blocks 2c, 2c + 1 are the 34 bytes at 34c, inside the five aligned
-// words at (34c) & ~7, which never reach past the chunk. gguf_formats.h's mxfp4_lane (tested on
-// the host against Format<MXFP4>) takes the scales and quants out of them once per chunk; a group
-// is then one nibble mask and the E2M1 byte permute (e2m1_bytes), like Format<MXFP4>::quant8.
+// MXFP4 from 8-byte loads: a chunk is 8 blocks of 17 bytes (136); lane c's blocks 2c, 2c + 1 are
+// the 34 bytes at 34c, inside the five aligned words that mxfp4_lane_addr names (rows on any 2-byte
+// boundary: gpt-oss's K = 2880 gives 1530-byte rows). gguf_formats.h's mxfp4_lane (tested on the
+// host against Format<MXFP4>) takes the scales and quants out of them once per chunk; a group is
+// then one nibble mask and the E2M1 byte permute (e2m1_bytes), like Format<MXFP4>::quant8.
 template <DType D>
 struct Mxfp4Tile {
   using F = Format<GGMLType::MXFP4>;
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 3, CHUNK_BYTES = kMmaChunk / F::QK * 17;
   static_assert(CHUNK_BYTES == 136 && sizeof(typename F::Block) == 17, "8 blocks of 17 bytes per chunk");
-  struct Raw { uint2 v[5]; };
+  static constexpr bool PARTIAL_K = true;  // K % 64 == 0: rows on 2-byte boundaries, a partial last chunk
+  struct Raw { uint2 v[5]; int at; };
   struct Prep { float a0, a1; Mxfp4Lane l; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
   static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
-    const uint2* p = reinterpret_cast<const uint2*>(row + ch * CHUNK_BYTES + ((34 * c) & ~7));
+    const Mxfp4LaneAddr where = mxfp4_lane_addr(row, ch, c);
+    const uint2* p = reinterpret_cast<const uint2*>(where.words);
 #pragma unroll
     for (int i = 0; i < 5; ++i) r.v[i] = __ldg(p + i);
+    r.at = where.at;
   }
-  static __device__ __forceinline__ void prep(const Raw& r, int c, Prep& p) {
+  static __device__ __forceinline__ void prep(const Raw& r, int, Prep& p) {
     const uint32_t w[10] = {r.v[0].x, r.v[0].y, r.v[1].x, r.v[1].y, r.v[2].x,
                             r.v[2].y, r.v[3].x, r.v[3].y, r.v[4].x, r.v[4].y};
-    p.l = mxfp4_lane(w, c);
+    p.l = mxfp4_lane(w, r.at);
     p.a0 = e8m0_half(p.l.ea);
     p.a1 = e8m0_half(p.l.eb);
   }
@@ -282,6 +289,7 @@ struct Words2 {
 template <DType D>
 struct Q6KTile {
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 2;
+  static constexpr bool PARTIAL_K = false;
   struct Raw { Words2<16> ql; Words2<8> qh; uint16_t s0, s1, d; int sl, sh; };
   struct Prep { float a[4]; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -374,17 +382,21 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4], const typename Tile::
 #undef JAX_MOE_MMA_GROUP
 }
 
-// All chunks [ch0, ch1) of one pass, DEPTH chunks of weights loaded ahead.
-template <class Tile, DType D>
+// All chunks [ch0, ch1) of one pass, DEPTH chunks of weights loaded ahead. The lane's elements of a
+// chunk (64c .. 64c + 63) exist in the chunks before lane_end: past it (the last chunk, where
+// K % 256 != 0) the lane reads nothing and feeds zeros for w and x.
+// TAIL: K % 256 != 0 (only tiles with PARTIAL_K are built with it; the others keep their registers).
+template <class Tile, DType D, bool TAIL>
 __device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* rowa, const uint8_t* rowb, const uint16_t* x,
-                                         int ch0, int ch1, int c) {
+                                         int ch0, int ch1, int lane_end, int c) {
   constexpr int DEPTH = Tile::DEPTH;
+  if constexpr (!TAIL) lane_end = ch1;
   typename Tile::Raw ba[DEPTH], bb[DEPTH];
 #pragma unroll
   for (int i = 0; i < DEPTH; ++i) {
     ba[i] = typename Tile::Raw{};
     bb[i] = typename Tile::Raw{};
-    if (ch0 + i < ch1) {
+    if (ch0 + i < ch1 && ch0 + i < lane_end) {
       if (rowa) Tile::load(ba[i], rowa, ch0 + i, c);
       if (rowb) Tile::load(bb[i], rowb, ch0 + i, c);
     }
@@ -393,10 +405,16 @@ __device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* rowa, c
 #pragma unroll
     for (int i = 0; i < DEPTH; ++i) {
       if (ch + i < ch1) {
-        mma_chunk<Tile, D>(acc, ba[i], bb[i], x, ch + i, c);
-        if (ch + i + DEPTH < ch1) {
-          if (rowa) Tile::load(ba[i], rowa, ch + i + DEPTH, c);
-          if (rowb) Tile::load(bb[i], rowb, ch + i + DEPTH, c);
+        mma_chunk<Tile, D>(acc, ba[i], bb[i], !TAIL || ch + i < lane_end ? x : nullptr, ch + i, c);
+        const int next = ch + i + DEPTH;
+        if (next < ch1) {
+          if (!TAIL || next < lane_end) {
+            if (rowa) Tile::load(ba[i], rowa, next, c);
+            if (rowb) Tile::load(bb[i], rowb, next, c);
+          } else {
+            ba[i] = typename Tile::Raw{};
+            bb[i] = typename Tile::Raw{};
+          }
         }
       }
     }
@@ -404,7 +422,7 @@ __device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* rowa, c
 }
 
 // grid.x: tiles of 16 rows; grid.y: groups of a.group touched experts (ranked by expert id).
-template <class Tile, DType D>
+template <class Tile, DType D, bool TAIL>
 __global__ void __launch_bounds__(kMmaMaxWarps * 32, Tile::MIN_BLOCKS) mma_gemv_kernel(MmaGemvArgs a) {
   __shared__ int32_t s_ids[kMmaMaxPairs];
   __shared__ uint32_t s_bits[kMmaMaxE / 32];
@@ -441,8 +459,11 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, Tile::MIN_BLOCKS) mma_gemv_
   const int u0 = static_cast<int>(blockIdx.y) * a.group;
   const int nu = min(a.group, touched - u0);  // this block's experts
   const int64_t n0 = int64_t{blockIdx.x} * kMmaRows;
-  const int chunks = static_cast<int>(a.K / (32 * Tile::GROUPS));
+  static_assert(32 * Tile::GROUPS == kMmaChunk, "a chunk is 256 elements, 64 per lane");
+  const int chunks = static_cast<int>(TAIL ? (a.K + kMmaChunk - 1) / kMmaChunk : a.K / kMmaChunk);
   const int c = lane & 3, g = lane >> 2;
+  // The chunks that hold lane c's elements (K % 64 == 0, plan.h); all of them unless TAIL.
+  const int lane_end = TAIL ? static_cast<int>((a.K - 64 * c + kMmaChunk - 1) / kMmaChunk) : chunks;
   const int64_t na = n0 + g, nb = n0 + g + 8;
   for (int item = warp; item < nu * a.splits; item += nwarps) {
     const int u = u0 + item / a.splits, s = item % a.splits;
@@ -469,7 +490,7 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, Tile::MIN_BLOCKS) mma_gemv_
       const auto* x = static_cast<const uint16_t*>(a.x);
       const uint16_t* xa = pa >= 0 ? x + (a.x_per_pair ? pa : pa / a.k) * a.K : nullptr;
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma_pass<Tile, D>(acc, rowa, rowb, xa, ch0, ch1, c);
+      mma_pass<Tile, D, TAIL>(acc, rowa, rowb, xa, ch0, ch1, lane_end, c);
       // acc[0..1]: rows g, acc[2..3]: rows g + 8, of pair slots 2c and 2c + 1.
       const int p0 = __shfl_sync(0xffffffffu, pa, 8 * c), p1 = __shfl_sync(0xffffffffu, pa, 8 * c + 4);
       float* part = s_part + int64_t{s} * P * kMmaRows;
@@ -540,7 +561,7 @@ template <class Tile, DType D>
 std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
   if (p.N == 0) return {};
   const int P = static_cast<int>(p.pairs());
-  const int chunks = static_cast<int>(p.K / (32 * Tile::GROUPS));
+  const int chunks = static_cast<int>((p.K + kMmaChunk - 1) / kMmaChunk);
   const int U = static_cast<int>(p.E < p.pairs() ? p.E : p.pairs());  // experts that can be touched
   // K splits. With reduce, a block holds all of a tile's experts (grid.y = 1) and its warps take the
   // (expert, split) items in turn: at least 4 chunks per item where K allows, which evens the warps
@@ -575,7 +596,13 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   const dim3 grid(static_cast<unsigned>((p.N + kMmaRows - 1) / kMmaRows),
                   static_cast<unsigned>((U + group - 1) / group));
   const size_t smem = static_cast<size_t>(splits) * P * kMmaRows * sizeof(float);
-  mma_gemv_kernel<Tile, D><<<grid, warps * 32, smem, stream>>>(a);
+  if (p.K % kMmaChunk == 0) {
+    mma_gemv_kernel<Tile, D, false><<<grid, warps * 32, smem, stream>>>(a);
+  } else if constexpr (Tile::PARTIAL_K) {
+    mma_gemv_kernel<Tile, D, true><<<grid, warps * 32, smem, stream>>>(a);
+  } else {
+    return "internal: mma_gemv_kernel without a partial last chunk for K = " + std::to_string(p.K);
+  }
   return launch_error("mma_gemv_kernel");
 }
 

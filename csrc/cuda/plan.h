@@ -39,13 +39,17 @@ struct CudaPlan {
 };
 
 // Where the tensor-core GEMV of GGUF experts (mma_gemv.cuh) runs: tensor cores with mma.sync
-// (sm_80+), 16-byte-aligned x and w, [E, N, K] weights, K a multiple of its 256-element granule,
-// at most kMmaMaxPairs pairs and kMmaMaxE experts, formats whose blocks tile 256.
-constexpr int kMmaChunk = 256;     // K granule: K % 256 == 0 (the K-quants' block)
+// (sm_80+), 16-byte-aligned x and w, [E, N, K] weights, K a multiple of its 256-element chunk (or,
+// for MXFP4, whose tile reads rows on any 2-byte boundary, of 64: a lane's share of a chunk, as in
+// gpt-oss's K = 2880), at most kMmaMaxPairs pairs and kMmaMaxE experts, formats whose blocks tile 256.
+constexpr int kMmaChunk = 256;     // K per chunk (the K-quants' block); 64 per lane
 constexpr int kMmaMaxPairs = 512;  // pairs per call the kernel takes
 constexpr int kMmaMaxE = 4096;     // experts the kernel's shared bitmap covers
+constexpr bool mma_gemv_k_fits(GGMLType t, int64_t K) {
+  return K > 0 && (K % kMmaChunk == 0 || (t == GGMLType::MXFP4 && K % 64 == 0));
+}
 inline bool mma_gemv_fits(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
-  if (d.cc_major < 8 || !aligned16 || p.K % kMmaChunk != 0 || p.layout != WeightLayout::ENK) return false;
+  if (d.cc_major < 8 || !aligned16 || !mma_gemv_k_fits(p.wtype, p.K) || p.layout != WeightLayout::ENK) return false;
   if (p.pairs() > kMmaMaxPairs || p.E > kMmaMaxE || p.pairs() == 0) return false;
   return p.kind == MoeKind::WMMA_GGUF && is_quantized(p.wtype) && kMmaChunk % block_elems(p.wtype) == 0;
 }
