@@ -107,3 +107,14 @@ def test_mxfp4_mma_gemv_partial_chunk_columns(rng):
             dec = gguf_decode(np.asarray(case.w.data), "MXFP4", K)[0, :, i]
             want = np.asarray(jnp.asarray(dec, jnp.bfloat16).astype(jnp.float32))
             np.testing.assert_array_equal(out, want, err_msg=f"K {K} column {i}")
+
+
+# Up to 1024 pairs (Qwen3 up to T = 128): past 768 the partial dots take over the default 48 KiB of
+# dynamic shared memory; many experts with a few pairs each, some with more than 8 (two passes).
+@pytest.mark.parametrize("fmt", ["Q4_K", "MXFP4", "Q6_K"])
+@pytest.mark.parametrize("T,reduce,x_rank", [(100, False, 2), (128, True, 3), (70, True, 2)])
+def test_gguf_mma_gemv_many_pairs(rng, fmt, T, reduce, x_rank):
+    case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype="bfloat16", reduce=reduce, x_rank=x_rank,
+                     T=T, k=8, E=128, N=40, K=512, invalid_ids=True)
+    assert _plan(MoeKind.WMMA_GGUF, case, reduce) == "mma_gemv"
+    check(gpu_run(case, reduce=reduce), case)

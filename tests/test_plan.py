@@ -69,14 +69,14 @@ def test_other_gpus_run_the_wmma_gemm():
 
 @pytest.mark.parametrize("device", ["hopper", "generic"])
 def test_gguf_gemv_crossover(device):
-    """GGUF experts: the tensor-core GEMV (K % 256 == 0, <= 512 pairs) serves up to 10 pairs per
+    """GGUF experts: the tensor-core GEMV (K % 256 == 0, <= 1024 pairs) serves up to 10 pairs per
     expert on average, the GEMM from 11 (benchmarks/NOTES.md); elsewhere the token GEMV's rule,
     up to 1 pair per expert on Hopper, 2 on other GPUs."""
     kind, wtype = MoeKind.WMMA_GGUF, Q4_K
     assert plan(kind, wtype, 40, device=device, **MIXTRAL) == "mma_gemv"  # 80 pairs over 8 experts
     assert plan(kind, wtype, 41, device=device, **MIXTRAL).startswith("grouped_")
-    assert plan(kind, wtype, 64, device=device, **QWEN3) == "mma_gemv"  # 512 pairs over 128
-    assert plan(kind, wtype, 65, device=device, **QWEN3).startswith("grouped_")  # over 512 pairs
+    assert plan(kind, wtype, 128, device=device, **QWEN3) == "mma_gemv"  # 1024 pairs over 128
+    assert plan(kind, wtype, 129, device=device, **QWEN3).startswith("grouped_")  # over 1024 pairs
     odd_k = {**MIXTRAL, "K": 4096 + 32}  # K % 256 != 0: the token GEMV's rule
     per_expert = 1 if device == "hopper" else 2
     assert plan(kind, wtype, 4 * per_expert, device=device, **odd_k) == "token_gemv"

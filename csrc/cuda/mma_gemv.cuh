@@ -35,7 +35,11 @@ constexpr int kMmaRows = 16;         // weight rows per warp tile (the mma's m)
 constexpr int kMmaPass = 8;          // pairs per mma pass (the mma's n)
 // kMmaChunk, kMmaMaxPairs, kMmaMaxE and mma_gemv_fits: plan.h, which decides where this runs.
 constexpr int kMmaMaxWarps = 8;
-constexpr int kMmaPartialBytes = 32 * 1024;  // shared memory for the partial dots
+// Shared memory for the partial dots (P x 16 floats per split): kMmaMaxPairs pairs at one split.
+// With the static ids and bitmaps a block then takes under 70 KiB: 3 per Hopper SM, and within
+// every sm_80+ GPU's per-block limit (99 KiB on the smallest).
+constexpr int kMmaPartialBytes = 64 * 1024;
+static_assert(kMmaMaxPairs * kMmaRows * 4 <= kMmaPartialBytes, "one split of the largest call fits");
 
 struct MmaGemvArgs {
   const void* x;
@@ -575,7 +579,8 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
     return launch_error("mma_gemv_kernel (multiprocessor count)");
   const int64_t tiles = (p.N + kMmaRows - 1) / kMmaRows;
   const int64_t wave = int64_t{sms} * kMmaMaxWarps * Tile::MIN_BLOCKS;  // resident warps, all SMs
-  auto fits = [&](int s) { return static_cast<int64_t>(s) * P * kMmaRows * 4 <= kMmaPartialBytes; };
+  // Splits only while the partials stay within 32 KiB (one split takes up to kMmaPartialBytes).
+  auto fits = [&](int s) { return static_cast<int64_t>(s) * P * kMmaRows * 4 <= 32 * 1024; };
   auto group_of = [&](int s) { return p.reduce ? U : std::max(1, std::min(U, 8 / s)); };
   auto warps_of = [&](int s) {
     const int g = group_of(s);
@@ -596,14 +601,18 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   const dim3 grid(static_cast<unsigned>((p.N + kMmaRows - 1) / kMmaRows),
                   static_cast<unsigned>((U + group - 1) / group));
   const size_t smem = static_cast<size_t>(splits) * P * kMmaRows * sizeof(float);
-  if (p.K % kMmaChunk == 0) {
-    mma_gemv_kernel<Tile, D, false><<<grid, warps * 32, smem, stream>>>(a);
-  } else if constexpr (Tile::PARTIAL_K) {
-    mma_gemv_kernel<Tile, D, true><<<grid, warps * 32, smem, stream>>>(a);
-  } else {
-    return "internal: mma_gemv_kernel without a partial last chunk for K = " + std::to_string(p.K);
-  }
-  return launch_error("mma_gemv_kernel");
+  auto launch = [&](auto kernel) -> std::string {
+    // Past the default 48 KiB of dynamic shared memory (over 768 pairs) the kernel must ask.
+    if (smem > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaPartialBytes);
+      if (err != cudaSuccess) return std::string("mma_gemv_kernel shared memory: ") + cudaGetErrorString(err);
+    }
+    kernel<<<grid, warps * 32, smem, stream>>>(a);
+    return launch_error("mma_gemv_kernel");
+  };
+  if (p.K % kMmaChunk == 0) return launch(mma_gemv_kernel<Tile, D, false>);
+  if constexpr (Tile::PARTIAL_K) return launch(mma_gemv_kernel<Tile, D, true>);
+  return "internal: mma_gemv_kernel without a partial last chunk for K = " + std::to_string(p.K);
 }
 
 }  // namespace jax_moe

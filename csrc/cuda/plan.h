@@ -43,7 +43,7 @@ struct CudaPlan {
 // for MXFP4, whose tile reads rows on any 2-byte boundary, of 64: a lane's share of a chunk, as in
 // gpt-oss's K = 2880), at most kMmaMaxPairs pairs and kMmaMaxE experts, formats whose blocks tile 256.
 constexpr int kMmaChunk = 256;     // K per chunk (the K-quants' block); 64 per lane
-constexpr int kMmaMaxPairs = 512;  // pairs per call the kernel takes
+constexpr int kMmaMaxPairs = 1024;  // pairs per call the kernel takes (Qwen3 T = 128: 8 per expert)
 constexpr int kMmaMaxE = 4096;     // experts the kernel's shared bitmap covers
 constexpr bool mma_gemv_k_fits(GGMLType t, int64_t K) {
   return K > 0 && (K % kMmaChunk == 0 || (t == GGMLType::MXFP4 && K % 64 == 0));
