@@ -31,9 +31,11 @@ def _plan(kind: MoeKind, case, reduce: bool) -> str:
 
 
 # (T, k, E, N, K, invalid ids): T=1, one pair per expert; T=6 over E=3, ~4 per expert (past
-# T <= 4, under the crossover of 8 per expert); T=4, k=6, E=1: 24 pairs of one expert (three
-# passes of 8); K=2048: K split across warps.
-SHAPES = [(1, 2, 4, 70, 512, True), (6, 2, 3, 77, 512, True), (4, 6, 1, 40, 512, False), (3, 4, 8, 24, 2048, True)]
+# T <= 4, passes of 8); T=4, k=6, E=1: 24 pairs of one expert (passes of 16 where the tile has
+# them: 16 + 8, else three of 8); K=2048: K split across warps; T=60 over E=8, ~15 per expert
+# (passes of 16, under the crossover of 16 per expert; some experts take two).
+SHAPES = [(1, 2, 4, 70, 512, True), (6, 2, 3, 77, 512, True), (4, 6, 1, 40, 512, False), (3, 4, 8, 24, 2048, True),
+          (60, 2, 8, 40, 512, True)]
 
 
 # Dense experts take the token GEMV at these sizes (T <= 4); K a multiple of 256 as above.

@@ -78,7 +78,8 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 // ahead DEPTH chunks); load(raw, row, ch, c); prep(raw, c, prep) once per chunk;
 // group<G>(raw, prep[, c]) -> uint4 (8 packed values, element 0 in the low half of .x).
 // MIN_BLOCKS: the blocks of kMmaMaxWarps warps per SM the kernel is compiled for (its register cap);
-// PARTIAL_K: whether the tile reads rows where K % 256 != 0 (plan.h: mma_gemv_k_fits).
+// PARTIAL_K: whether the tile reads rows where K % 256 != 0 (plan.h: mma_gemv_k_fits); TWO_BLOCKS:
+// whether it runs passes of 16 pairs (two n8 blocks) in 128 registers without spills.
 
 // Any GGUF format through its Format<> traits (decode8_rounded: ggml's formulas, rounded once to
 // D), read from global memory as the format's alignment allows. Lane c covers elements
@@ -87,7 +88,7 @@ template <class F, DType D>
 struct GgufTile {
   static_assert(kMmaChunk % F::QK == 0 && F::SUB % 8 == 0 && 64 % F::SUB == 0, "chunk holds whole sub-blocks");
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 2;
-  static constexpr bool PARTIAL_K = false;
+  static constexpr bool PARTIAL_K = false, TWO_BLOCKS = true;
   struct Raw { const uint8_t* chunk; };
   struct Prep { float a, m; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -124,7 +125,7 @@ struct KQuantTile {
   // Q4_K: one chunk ahead in 80 registers, 3 blocks (24 warps) per SM; Q5_K needs 2 chunks ahead
   // and 2 blocks (80 registers spill). benchmarks/NOTES.md, v25.
   static constexpr int GROUPS = 8, DEPTH = Q5 ? 2 : 1, MIN_BLOCKS = Q5 ? 2 : 3;
-  static constexpr bool PARTIAL_K = false;
+  static constexpr bool PARTIAL_K = false, TWO_BLOCKS = !Q5;  // Q5_K's 16-pair passes spill
   struct Raw { uint4 h, q0, q1, qh0, qh1; };
   struct Prep { float a0, m0, a1, m1; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -188,7 +189,7 @@ struct KQuantTile {
 template <DType D>
 struct Q80Tile {
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 3;  // 80 registers, no spills (v25)
-  static constexpr bool PARTIAL_K = false;
+  static constexpr bool PARTIAL_K = false, TWO_BLOCKS = true;
   struct Raw { uint2 v[9]; };
   struct Prep { float a0, a1; uint32_t w[17]; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -242,6 +243,7 @@ struct Mxfp4Tile {
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 3, CHUNK_BYTES = kMmaChunk / F::QK * 17;
   static_assert(CHUNK_BYTES == 136 && sizeof(typename F::Block) == 17, "8 blocks of 17 bytes per chunk");
   static constexpr bool PARTIAL_K = true;  // K % 64 == 0: rows on 2-byte boundaries, a partial last chunk
+  static constexpr bool TWO_BLOCKS = true;
   struct Raw { uint2 v[5]; int at; };
   struct Prep { float a0, a1; Mxfp4Lane l; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -293,7 +295,7 @@ struct Words2 {
 template <DType D>
 struct Q6KTile {
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 2;
-  static constexpr bool PARTIAL_K = false;
+  static constexpr bool PARTIAL_K = false, TWO_BLOCKS = false;  // its 16-pair passes spill
   struct Raw { Words2<16> ql; Words2<8> qh; uint16_t s0, s1, d; int sl, sh; };
   struct Prep { float a[4]; };
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
@@ -343,18 +345,22 @@ __device__ __forceinline__ auto tile_group(const typename Tile::Raw& r, typename
   return Tile::template group<G>(r, p);
 }
 
-// The next up to 8 pairs of expert e at pair index >= from, in pair order: lane (g, c) gets the
-// g-th in pa (-1 where there is none). Returns the index to continue from.
-__device__ __forceinline__ int next_pass(const int32_t* s_ids, int P, int e, int from, int lane, int& pa) {
-  const int ta = lane >> 2;
-  pa = -1;
+// The next up to PASS (8 or 16) pairs of expert e at pair index >= from, in pair order: lane
+// (g, c) gets the g-th in pa and, with PASS = 16, the (g + 8)-th in pb (-1 where there is none).
+// Returns the index to continue from.
+template <int PASS>
+__device__ __forceinline__ int next_pass(const int32_t* s_ids, int P, int e, int from, int lane, int& pa, int& pb) {
+  static_assert(PASS == kMmaPass || PASS == 2 * kMmaPass, "one or two n8 blocks per pass");
+  const int ta = lane >> 2, tb = ta + kMmaPass;
+  pa = pb = -1;
   int got = 0;
   for (int q0 = from; q0 < P; q0 += 32) {
     const int q = q0 + lane;
     const unsigned bal = __ballot_sync(0xffffffffu, q < P && s_ids[q] == e);
     const int cnt = __popc(bal);
     if (ta >= got && ta < got + cnt) pa = q0 + static_cast<int>(__fns(bal, 0, ta - got + 1));
-    if (got + cnt >= kMmaPass) return q0 + static_cast<int>(__fns(bal, 0, kMmaPass - got)) + 1;
+    if (PASS > kMmaPass && tb >= got && tb < got + cnt) pb = q0 + static_cast<int>(__fns(bal, 0, tb - got + 1));
+    if (got + cnt >= PASS) return q0 + static_cast<int>(__fns(bal, 0, PASS - got)) + 1;
     got += cnt;
   }
   return P;
@@ -365,10 +371,12 @@ __device__ __forceinline__ uint4 load_x8(const uint16_t* xrow, int64_t off) {
 }
 
 // One chunk of the warp's tile (rows g and g + 8 from ra and rb): decode the groups and run two
-// mmas per group.
-template <class Tile, DType D>
-__device__ __forceinline__ void mma_chunk(float (&acc)[4], const typename Tile::Raw& ra, const typename Tile::Raw& rb,
-                                          const uint16_t* x, int64_t ch, int c) {
+// mmas per group and n8 block of pairs (x: the first, into acc; x2: with PASS = 16, the second,
+// into acc2, on the same decoded weights).
+template <class Tile, DType D, int PASS>
+__device__ __forceinline__ void mma_chunk(float (&acc)[4], float (&acc2)[4], const typename Tile::Raw& ra,
+                                          const typename Tile::Raw& rb, const uint16_t* x, const uint16_t* x2,
+                                          int64_t ch, int c) {
   typename Tile::Prep pa, pb;
   Tile::prep(ra, c, pa);
   Tile::prep(rb, c, pb);
@@ -380,6 +388,11 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4], const typename Tile::
     const uint4 wb = tile_group<Tile, G>(rb, pb, c);                          \
     mma16816<D>(acc, wa.x, wb.x, wa.y, wb.y, X.x, X.y);                       \
     mma16816<D>(acc, wa.z, wb.z, wa.w, wb.w, X.z, X.w);                       \
+    if constexpr (PASS > kMmaPass) {                                          \
+      const uint4 X2 = load_x8(x2, base + Tile::kpos(c, G));                  \
+      mma16816<D>(acc2, wa.x, wb.x, wa.y, wb.y, X2.x, X2.y);                  \
+      mma16816<D>(acc2, wa.z, wb.z, wa.w, wb.w, X2.z, X2.w);                  \
+    }                                                                         \
   }
   JAX_MOE_MMA_GROUP(0) JAX_MOE_MMA_GROUP(1) JAX_MOE_MMA_GROUP(2) JAX_MOE_MMA_GROUP(3)
   JAX_MOE_MMA_GROUP(4) JAX_MOE_MMA_GROUP(5) JAX_MOE_MMA_GROUP(6) JAX_MOE_MMA_GROUP(7)
@@ -390,9 +403,9 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4], const typename Tile::
 // chunk (64c .. 64c + 63) exist in the chunks before lane_end: past it (the last chunk, where
 // K % 256 != 0) the lane reads nothing and feeds zeros for w and x.
 // TAIL: K % 256 != 0 (only tiles with PARTIAL_K are built with it; the others keep their registers).
-template <class Tile, DType D, bool TAIL>
-__device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* rowa, const uint8_t* rowb, const uint16_t* x,
-                                         int ch0, int ch1, int lane_end, int c) {
+template <class Tile, DType D, bool TAIL, int PASS>
+__device__ __forceinline__ void mma_pass(float (&acc)[4], float (&acc2)[4], const uint8_t* rowa, const uint8_t* rowb,
+                                         const uint16_t* x, const uint16_t* x2, int ch0, int ch1, int lane_end, int c) {
   constexpr int DEPTH = Tile::DEPTH;
   if constexpr (!TAIL) lane_end = ch1;
   typename Tile::Raw ba[DEPTH], bb[DEPTH];
@@ -409,7 +422,8 @@ __device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* rowa, c
 #pragma unroll
     for (int i = 0; i < DEPTH; ++i) {
       if (ch + i < ch1) {
-        mma_chunk<Tile, D>(acc, ba[i], bb[i], !TAIL || ch + i < lane_end ? x : nullptr, ch + i, c);
+        const bool in = !TAIL || ch + i < lane_end;
+        mma_chunk<Tile, D, PASS>(acc, acc2, ba[i], bb[i], in ? x : nullptr, in ? x2 : nullptr, ch + i, c);
         const int next = ch + i + DEPTH;
         if (next < ch1) {
           if (!TAIL || next < lane_end) {
@@ -425,9 +439,14 @@ __device__ __forceinline__ void mma_pass(float (&acc)[4], const uint8_t* rowa, c
   }
 }
 
+// Blocks per SM the kernel is compiled for: the tile's, or 2 (128 registers) with two n8 blocks.
+template <class Tile, int PASS>
+constexpr int mma_min_blocks() { return PASS > kMmaPass ? 2 : Tile::MIN_BLOCKS; }
+
 // grid.x: tiles of 16 rows; grid.y: groups of a.group touched experts (ranked by expert id).
-template <class Tile, DType D, bool TAIL>
-__global__ void __launch_bounds__(kMmaMaxWarps * 32, Tile::MIN_BLOCKS) mma_gemv_kernel(MmaGemvArgs a) {
+// PASS: pairs per pass, 8 (one n8 block) or 16 (two, on the same decoded weights).
+template <class Tile, DType D, bool TAIL, int PASS>
+__global__ void __launch_bounds__(kMmaMaxWarps * 32, (mma_min_blocks<Tile, PASS>())) mma_gemv_kernel(MmaGemvArgs a) {
   __shared__ int32_t s_ids[kMmaMaxPairs];
   __shared__ uint32_t s_bits[kMmaMaxE / 32];
   __shared__ int32_t s_rank[kMmaMaxE / 32];  // touched experts in the words before
@@ -488,24 +507,29 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, Tile::MIN_BLOCKS) mma_gemv_
     const uint8_t* rowa = na < a.N ? wb + (e * a.N + na) * a.row_bytes : nullptr;
     const uint8_t* rowb = nb < a.N ? wb + (e * a.N + nb) * a.row_bytes : nullptr;
     for (int from = 0; from < P;) {
-      int pa;
-      from = next_pass(s_ids, P, e, from, lane, pa);
+      int pa, pb;
+      from = next_pass<PASS>(s_ids, P, e, from, lane, pa, pb);
       if (__ballot_sync(0xffffffffu, pa >= 0) == 0) break;
       const auto* x = static_cast<const uint16_t*>(a.x);
       const uint16_t* xa = pa >= 0 ? x + (a.x_per_pair ? pa : pa / a.k) * a.K : nullptr;
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma_pass<Tile, D, TAIL>(acc, rowa, rowb, xa, ch0, ch1, lane_end, c);
-      // acc[0..1]: rows g, acc[2..3]: rows g + 8, of pair slots 2c and 2c + 1.
-      const int p0 = __shfl_sync(0xffffffffu, pa, 8 * c), p1 = __shfl_sync(0xffffffffu, pa, 8 * c + 4);
+      const uint16_t* xb = pb >= 0 ? x + (a.x_per_pair ? pb : pb / a.k) * a.K : nullptr;
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      mma_pass<Tile, D, TAIL, PASS>(acc, acc2, rowa, rowb, xa, xb, ch0, ch1, lane_end, c);
+      // acc[0..1]: rows g, acc[2..3]: rows g + 8, of pair slots 2c and 2c + 1 (acc2: 8 + 2c, 9 + 2c).
       float* part = s_part + int64_t{s} * P * kMmaRows;
-      if (p0 >= 0) {
-        part[p0 * kMmaRows + g] = acc[0];
-        part[p0 * kMmaRows + g + 8] = acc[2];
-      }
-      if (p1 >= 0) {
-        part[p1 * kMmaRows + g] = acc[1];
-        part[p1 * kMmaRows + g + 8] = acc[3];
-      }
+      auto store = [&](const float (&v)[4], int slots) {
+        const int p0 = __shfl_sync(0xffffffffu, slots, 8 * c), p1 = __shfl_sync(0xffffffffu, slots, 8 * c + 4);
+        if (p0 >= 0) {
+          part[p0 * kMmaRows + g] = v[0];
+          part[p0 * kMmaRows + g + 8] = v[2];
+        }
+        if (p1 >= 0) {
+          part[p1 * kMmaRows + g] = v[1];
+          part[p1 * kMmaRows + g + 8] = v[3];
+        }
+      };
+      store(acc, pa);
+      if constexpr (PASS > kMmaPass) store(acc2, pb);
     }
   }
   __syncthreads();
@@ -577,8 +601,12 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     return launch_error("mma_gemv_kernel (multiprocessor count)");
+  // Passes of 16 pairs (two n8 blocks on each decoded weight) where experts average more than 6
+  // pairs, so that most of them are read and decoded once (benchmarks/NOTES.md, v28); else 8.
+  const bool two = Tile::TWO_BLOCKS && p.pairs() > 6 * static_cast<int64_t>(U);
+  const int min_blocks = two ? mma_min_blocks<Tile, 2 * kMmaPass>() : mma_min_blocks<Tile, kMmaPass>();
   const int64_t tiles = (p.N + kMmaRows - 1) / kMmaRows;
-  const int64_t wave = int64_t{sms} * kMmaMaxWarps * Tile::MIN_BLOCKS;  // resident warps, all SMs
+  const int64_t wave = int64_t{sms} * kMmaMaxWarps * min_blocks;  // resident warps, all SMs
   // Splits only while the partials stay within 32 KiB (one split takes up to kMmaPartialBytes).
   auto fits = [&](int s) { return static_cast<int64_t>(s) * P * kMmaRows * 4 <= 32 * 1024; };
   auto group_of = [&](int s) { return p.reduce ? U : std::max(1, std::min(U, 8 / s)); };
@@ -587,7 +615,7 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
     return tiles * ((U + g - 1) / g) * std::min(kMmaMaxWarps, g * s);
   };
   int splits = 1;
-  if (p.reduce || Tile::MIN_BLOCKS < 3) {
+  if (p.reduce || min_blocks < 3) {
     while (splits * 2 <= chunks / 4 && splits * 2 <= 8 && fits(splits * 2)) splits *= 2;
   } else {
     while (splits * 2 <= chunks && splits * 2 <= 8 && fits(splits * 2) && 2 * warps_of(splits) < 3 * wave) splits *= 2;
@@ -610,8 +638,11 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
     kernel<<<grid, warps * 32, smem, stream>>>(a);
     return launch_error("mma_gemv_kernel");
   };
-  if (p.K % kMmaChunk == 0) return launch(mma_gemv_kernel<Tile, D, false>);
-  if constexpr (Tile::PARTIAL_K) return launch(mma_gemv_kernel<Tile, D, true>);
+  constexpr int TWO = Tile::TWO_BLOCKS ? 2 * kMmaPass : kMmaPass;  // (no 16-pair kernel where it would spill)
+  if (p.K % kMmaChunk == 0)
+    return two ? launch(mma_gemv_kernel<Tile, D, false, TWO>) : launch(mma_gemv_kernel<Tile, D, false, kMmaPass>);
+  if constexpr (Tile::PARTIAL_K)
+    return two ? launch(mma_gemv_kernel<Tile, D, true, TWO>) : launch(mma_gemv_kernel<Tile, D, true, kMmaPass>);
   return "internal: mma_gemv_kernel without a partial last chunk for K = " + std::to_string(p.K);
 }
 

@@ -55,13 +55,14 @@ inline bool mma_gemv_fits(const MoeProblem& p, const CudaDevice& d, bool aligned
 }
 
 // Pairs per expert up to which a GEMV serves rather than the grouped GEMM. The tensor-core GEMV
-// reads and decodes each routed expert's rows once per 8 of its pairs, and serves up to
-// kMmaGemvPairsPerExpert pairs per expert on average (measured, Mixtral gate+up Q4_K: at 8 per
-// expert 504 µs against ~610 in the fused GEMM, at 10 a tie, at 12 695 against ~610;
-// benchmarks/NOTES.md); the
+// reads and decodes each routed expert's rows once per pass of 8 pairs, or of 16 where experts
+// average more than 6 (mma_gemv.cuh), and serves up to kMmaGemvPairsPerExpert pairs per expert on
+// average (with passes of 8, measured on Mixtral gate+up Q4_K: at 8 per expert 504 µs against ~610
+// in the fused GEMM, at 10 a tie, at 12 695; with passes of 16 the tie is predicted near 16, not
+// yet measured: benchmarks/NOTES.md, v28); the
 // token GEMV (dense experts, and GGUF where the mma GEMV does not fit) re-reads an expert for
 // every pair: up to 2 pairs per expert, 1 on Hopper, whose wgmma GEMM streams the weights fast.
-constexpr int64_t kMmaGemvPairsPerExpert = 10;
+constexpr int64_t kMmaGemvPairsPerExpert = 16;
 inline bool gemv_serves(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
   if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the token GEMV
   if (p.layout != WeightLayout::ENK) return false;  // the GEMVs need rows contiguous along K
