@@ -32,10 +32,8 @@ def _plan(kind: MoeKind, case, reduce: bool) -> str:
 
 # (T, k, E, N, K, invalid ids): T=1, one pair per expert; T=6 over E=3, ~4 per expert (past
 # T <= 4, passes of 8); T=4, k=6, E=1: 24 pairs of one expert (passes of 16 where the tile has
-# them: 16 + 8, else three of 8); K=2048: K split across warps; T=60 over E=8, ~15 per expert
-# (passes of 16, under the crossover of 16 per expert; some experts take two).
-SHAPES = [(1, 2, 4, 70, 512, True), (6, 2, 3, 77, 512, True), (4, 6, 1, 40, 512, False), (3, 4, 8, 24, 2048, True),
-          (60, 2, 8, 40, 512, True)]
+# them: 16 + 8, else three of 8); K=2048: K split across warps.
+SHAPES = [(1, 2, 4, 70, 512, True), (6, 2, 3, 77, 512, True), (4, 6, 1, 40, 512, False), (3, 4, 8, 24, 2048, True)]
 
 
 # Dense experts take the token GEMV at these sizes (T <= 4); K a multiple of 256 as above.
@@ -56,6 +54,27 @@ def test_gguf_mma_gemv(rng, T, k, E, N, K, invalid, fmt, dtype, reduce, x_rank):
     case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=reduce, x_rank=x_rank,
                      T=T, k=k, E=E, N=N, K=K, invalid_ids=invalid)
     assert _plan(MoeKind.WMMA_GGUF, case, reduce) == "mma_gemv"
+    check(gpu_run(case, reduce=reduce), case)
+
+
+# 11-16 pairs per expert: passes of 16 (two n8 blocks on each decoded weight) in the GEMV where the
+# format's tile has them (plan.h mma_two_blocks), the GEMM for Q5_K and Q6_K (crossover 10). T=60
+# over E=8: ~15 per expert, some experts over 16 (a pass of 16, then one of 8); T=16 over E=2 at
+# K=2048: 16 per expert with K split across warps.
+TWO_BLOCK_SHAPES = [(60, 2, 8, 40, 512, True), (16, 2, 2, 40, 2048, False)]
+
+
+@pytest.mark.parametrize("T,k,E,N,K,invalid", TWO_BLOCK_SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype,reduce,x_rank", [("bfloat16", True, 3), ("float16", False, 2)])
+def test_gguf_mma_gemv_passes_of_16(rng, T, k, E, N, K, invalid, fmt, dtype, reduce, x_rank):
+    case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=reduce, x_rank=x_rank,
+                     T=T, k=k, E=E, N=N, K=K, invalid_ids=invalid)
+    plan = _plan(MoeKind.WMMA_GGUF, case, reduce)
+    if fmt in ("Q5_K", "Q6_K"):
+        assert plan.startswith("grouped_"), plan
+    else:
+        assert plan == "mma_gemv", plan
     check(gpu_run(case, reduce=reduce), case)
 
 
@@ -112,7 +131,8 @@ def test_mxfp4_mma_gemv_partial_chunk_columns(rng):
 
 
 # Up to 1024 pairs (Qwen3 up to T = 128): past 768 the partial dots take over the default 48 KiB of
-# dynamic shared memory; many experts with a few pairs each, some with more than 8 (two passes).
+# dynamic shared memory; many experts with a few pairs each, some with more than 8 (at T=100 and
+# 128, over 6 per expert: passes of 16 where the tile has them; at T=70 passes of 8, two for some).
 @pytest.mark.parametrize("fmt", ["Q4_K", "MXFP4", "Q6_K"])
 @pytest.mark.parametrize("T,reduce,x_rank", [(100, False, 2), (128, True, 3), (70, True, 2)])
 def test_gguf_mma_gemv_many_pairs(rng, fmt, T, reduce, x_rank):

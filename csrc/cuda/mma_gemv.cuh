@@ -1,8 +1,9 @@
 // Few pairs per expert on the tensor cores (WMMA_GGUF at decode-time T): each warp owns
 // a tile of 16 weight rows of one expert and runs mma.sync m16n8k16 with the weights as the m16
-// operand and up to 8 of that expert's pairs as the n8 operand, so every weight is read from
-// memory and decoded once per call however many of the expert's pairs there are (up to 8 per
-// pass), and the products and the f32 accumulation are the tensor cores' (as in the GEMM).
+// operand and up to 8 of that expert's pairs as the n8 operand (or 16 as two n8 operands on the
+// same decoded weights), so every weight is read from memory and decoded once per pass of up to
+// 8 (16) of the expert's pairs, and the products and the f32 accumulation are the tensor cores'
+// (as in the GEMM).
 //
 // Lane = 4 g + c holds rows g and g + 8 of the tile and, per chunk, Tile::GROUPS groups of 8
 // consecutive K elements of each; group G starts at Tile::kpos(c, G). The mma's 16 k slots of
@@ -514,7 +515,12 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, (mma_min_blocks<Tile, PASS>
       const uint16_t* xa = pa >= 0 ? x + (a.x_per_pair ? pa : pa / a.k) * a.K : nullptr;
       const uint16_t* xb = pb >= 0 ? x + (a.x_per_pair ? pb : pb / a.k) * a.K : nullptr;
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma_pass<Tile, D, TAIL, PASS>(acc, acc2, rowa, rowb, xa, xb, ch0, ch1, lane_end, c);
+      // A pass of 16 whose second n8 block is empty (the expert's last <= 8 pairs) runs as 8.
+      const bool second = PASS > kMmaPass && __ballot_sync(0xffffffffu, pb >= 0) != 0;
+      if (second)
+        mma_pass<Tile, D, TAIL, PASS>(acc, acc2, rowa, rowb, xa, xb, ch0, ch1, lane_end, c);
+      else
+        mma_pass<Tile, D, TAIL, kMmaPass>(acc, acc2, rowa, rowb, xa, nullptr, ch0, ch1, lane_end, c);
       // acc[0..1]: rows g, acc[2..3]: rows g + 8, of pair slots 2c and 2c + 1 (acc2: 8 + 2c, 9 + 2c).
       float* part = s_part + int64_t{s} * P * kMmaRows;
       auto store = [&](const float (&v)[4], int slots) {
@@ -529,7 +535,7 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, (mma_min_blocks<Tile, PASS>
         }
       };
       store(acc, pa);
-      if constexpr (PASS > kMmaPass) store(acc2, pb);
+      if (second) store(acc2, pb);
     }
   }
   __syncthreads();
@@ -588,6 +594,10 @@ std::string launch_mma_gguf_wide(const MoeProblem& p, const MoeBuffers& b, cudaS
 template <class Tile, DType D>
 std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
   if (p.N == 0) return {};
+  // What plan.h (mma_gemv_fits, mma_two_blocks) promised this kernel.
+  if (p.pairs() > kMmaMaxPairs || p.K % 64 != 0 || (p.K % kMmaChunk != 0 && !Tile::PARTIAL_K) ||
+      Tile::TWO_BLOCKS != mma_two_blocks(p.wtype))
+    return "internal: mma_gemv_kernel cannot take " + std::to_string(p.pairs()) + " pairs at K = " + std::to_string(p.K);
   const int P = static_cast<int>(p.pairs());
   const int chunks = static_cast<int>((p.K + kMmaChunk - 1) / kMmaChunk);
   const int U = static_cast<int>(p.E < p.pairs() ? p.E : p.pairs());  // experts that can be touched
@@ -633,7 +643,10 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
     // Past the default 48 KiB of dynamic shared memory (over 768 pairs) the kernel must ask.
     if (smem > 48 * 1024) {
       const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaPartialBytes);
-      if (err != cudaSuccess) return std::string("mma_gemv_kernel shared memory: ") + cudaGetErrorString(err);
+      if (err != cudaSuccess) {
+        cudaGetLastError();  // leave no error behind for a later launch to report as its own
+        return std::string("mma_gemv_kernel shared memory: ") + cudaGetErrorString(err);
+      }
     }
     kernel<<<grid, warps * 32, smem, stream>>>(a);
     return launch_error("mma_gemv_kernel");

@@ -21,7 +21,7 @@ struct CudaDevice {
 
 enum class CudaKernel : int32_t {
   kTokenGemv,     // few pairs per expert: a warp per (token, row), all three kinds
-  kMmaGemv,       // few pairs per expert, GGUF experts: rows decoded once per 8 pairs, mma.sync (mma_gemv.cuh)
+  kMmaGemv,       // few pairs per expert, GGUF experts: rows decoded once per 8 or 16 pairs, mma.sync (mma_gemv.cuh)
   kWgmma,         // Hopper grouped GEMM on wgmma, dense experts
   kWgmmaGguf,     // Hopper grouped GEMM on wgmma, GGUF blocks decoded in shared memory
   kWmma,          // grouped WMMA GEMM (any tensor-core GPU, either layout, GGUF decoded in registers)
@@ -62,12 +62,17 @@ inline bool mma_gemv_fits(const MoeProblem& p, const CudaDevice& d, bool aligned
 // yet measured: benchmarks/NOTES.md, v28); the
 // token GEMV (dense experts, and GGUF where the mma GEMV does not fit) re-reads an expert for
 // every pair: up to 2 pairs per expert, 1 on Hopper, whose wgmma GEMM streams the weights fast.
+// Formats whose GEMV tile runs passes of 16 pairs (mma_gemv.cuh: Tile::TWO_BLOCKS; Q5_K's and
+// Q6_K's would spill) cross over at 16 pairs per expert, the others at the measured 10.
+constexpr bool mma_two_blocks(GGMLType t) { return t != GGMLType::Q5_K && t != GGMLType::Q6_K; }
 constexpr int64_t kMmaGemvPairsPerExpert = 16;
+constexpr int64_t kMmaGemvPairsPerExpertOnePass = 10;
 inline bool gemv_serves(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
   if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the token GEMV
   if (p.layout != WeightLayout::ENK) return false;  // the GEMVs need rows contiguous along K
   if (p.T <= 4) return true;
-  if (mma_gemv_fits(p, d, aligned16)) return p.pairs() <= kMmaGemvPairsPerExpert * p.E;
+  if (mma_gemv_fits(p, d, aligned16))
+    return p.pairs() <= (mma_two_blocks(p.wtype) ? kMmaGemvPairsPerExpert : kMmaGemvPairsPerExpertOnePass) * p.E;
   return p.pairs() <= (d.hopper() ? 1 : 2) * p.E;
 }
 
