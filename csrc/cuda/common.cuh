@@ -23,6 +23,16 @@ inline std::string launch_error(const char* what) {
   return err == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(err);
 }
 
+// The current device's multiprocessor count into sms: empty, or the failed query's error (cleared).
+inline std::string multiprocessor_count(int& sms) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) return {};
+  cudaGetLastError();
+  return std::string("multiprocessor count: ") + cudaGetErrorString(err);
+}
+
 // Device element types of the activation dtypes.
 template <DType D>
 struct DevType;

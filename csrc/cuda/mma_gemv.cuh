@@ -608,9 +608,8 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   // each warp's loads streaming (benchmarks/NOTES.md, v25); the others, with 16 warps per SM and
   // Q6_K and GgufTile one chunk ahead, keep the first rule (they measured slower without it). The
   // partials must fit in shared memory.
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return launch_error("mma_gemv_kernel (multiprocessor count)");
+  int sms = 0;
+  if (std::string err = multiprocessor_count(sms); !err.empty()) return "mma_gemv_kernel " + err;
   // Passes of 16 pairs (two n8 blocks on each decoded weight) where experts average more than 6
   // pairs, so that most of them are read and decoded once (benchmarks/NOTES.md, v28); else 8.
   const bool two = Tile::TWO_BLOCKS && p.pairs() > 6 * static_cast<int64_t>(U);
@@ -636,8 +635,7 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   MmaGemvArgs a{b.x, b.ids, b.w, b.scores, b.out, p.T, p.k, p.N, p.K, p.E,
                 p.row_bytes(), p.score_dtype, p.out_dtype,
                 p.reduce, p.x_per_pair, splits, group};
-  const dim3 grid(static_cast<unsigned>((p.N + kMmaRows - 1) / kMmaRows),
-                  static_cast<unsigned>((U + group - 1) / group));
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((U + group - 1) / group));
   const size_t smem = static_cast<size_t>(splits) * P * kMmaRows * sizeof(float);
   auto launch = [&](auto kernel) -> std::string {
     // Past the default 48 KiB of dynamic shared memory (over 768 pairs) the kernel must ask.
