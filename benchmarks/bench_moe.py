@@ -278,9 +278,9 @@ HEADER = (f"{'model':8s} {'proj':8s} {'T':>5s} {'kind':11s} {'fmt':5s} {'us':>9s
 # Every GGUF format the library runs; MXFP4 where this build's GGMLType has it.
 FORMATS = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"] + (["MXFP4"] if hasattr(GGMLType, "MXFP4") else [])
 DECODE_TS = (1, 2, 4, 8)  # decode-time T: every kind and format
-# T on both sides of the plan's mma-GEMV / fused-GEMM crossover (csrc/cuda/plan.h: Q4_K at most 16
-# pairs per expert and 1024 pairs): Qwen3 (E=128, k=8) switches after T=128, Mixtral (E=8, k=2) after T=64.
-CROSSOVER_TS = {"qwen3": (16, 32, 80, 128, 160), "mixtral": (16, 32, 40, 48, 56, 72)}
+# T on both sides of the plan's mma-GEMV / fused-GEMM crossover (csrc/cuda/plan.h: Q4_K at most 11
+# pairs per expert and 1024 pairs): Qwen3 (E=128, k=8) switches after T=128, Mixtral (E=8, k=2) after T=44.
+CROSSOVER_TS = {"qwen3": (16, 32, 80, 128, 160), "mixtral": (16, 32, 40, 44, 48, 56, 72)}
 
 
 def plan(quick: bool):

@@ -29,8 +29,10 @@ class Case:
 def make_case(rng, *, kind: MoeKind, fmt: str | None = None, dtype: str = "bfloat16", layout: str = "enk",
               reduce: bool = True, x_rank: int = 2, T: int = 7, k: int = 2, E: int = 4, N: int = 40,
               K: int | None = None, with_scores: bool = True, out_dtype: str | None = None,
-              invalid_ids: bool = True, score_dtype: str = "float32") -> Case:
-    """A random case: ids include out-of-range values when invalid_ids; weights finite."""
+              invalid_ids: bool = True, score_dtype: str = "float32", hot_tokens: int = 0) -> Case:
+    """A random case: ids include out-of-range values when invalid_ids; weights finite; the first
+    hot_tokens tokens (after the bad ids) choose expert 0 first, the rest of their choices other
+    experts (a skewed routing: one expert with many pairs)."""
     if K is None:
         K = 2 * BLOCKS[fmt][0] if fmt else 48
     x_dtype = "float32" if kind == MoeKind.SCALAR_GGUF else dtype
@@ -41,6 +43,10 @@ def make_case(rng, *, kind: MoeKind, fmt: str | None = None, dtype: str = "bfloa
     ids = rng.integers(lo, hi, size=(T, k)).astype(np.int32)
     if invalid_ids and T * k >= 3:
         ids.flat[0], ids.flat[1] = -1, E  # make sure both kinds of bad id occur
+    if hot_tokens:
+        assert 0 < hot_tokens < T and E >= 2, (hot_tokens, T, E)
+        ids[1:hot_tokens + 1, 0] = 0
+        ids[1:hot_tokens + 1, 1:] = rng.integers(1, E, size=(hot_tokens, k - 1))
     scores = rng.uniform(0.1, 1.0, size=(T, k)).astype(score_dtype) if with_scores else None
     sc64 = np.ones((T, k)) if scores is None else np.asarray(scores, np.float64)
     if score_dtype != "float32" and scores is not None:

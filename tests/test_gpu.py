@@ -62,7 +62,7 @@ def test_wmma_gpu(rng, dtype, layout, reduce, x_rank, T):
     check(gpu_run(case, reduce=reduce, weight_layout=layout), case)
 
 
-# T=3: the GEMV; T=37 over E=4 (18.5 pairs per expert, past the GEMV's 16): the GEMM at small T.
+# T=3: the GEMV; T=37 over E=4 (18.5 pairs per expert, past the GEMV's 11): the GEMM at small T.
 @pytest.mark.parametrize("T", [3, 37])
 @pytest.mark.parametrize("fmt,dtype,reduce,x_rank",
                          list(itertools.product(FORMATS, ["float16", "bfloat16"], REDUCE, RANKS)))

@@ -57,11 +57,13 @@ def test_gguf_mma_gemv(rng, T, k, E, N, K, invalid, fmt, dtype, reduce, x_rank):
     check(gpu_run(case, reduce=reduce), case)
 
 
-# 11-16 pairs per expert: passes of 16 (two n8 blocks on each decoded weight) in the GEMV where the
-# format's tile has them (plan.h mma_two_blocks), the GEMM for Q5_K and Q6_K (crossover 10). T=60
-# over E=8: ~15 per expert, some experts over 16 (a pass of 16, then one of 8); T=16 over E=2 at
-# K=2048: 16 per expert with K split across warps.
-TWO_BLOCK_SHAPES = [(60, 2, 8, 40, 512, True), (16, 2, 2, 40, 2048, False)]
+# 11 pairs per expert on average: passes of 16 (two n8 blocks on each decoded weight) in the GEMV
+# where the format's tile has them (plan.h mma_two_blocks), the GEMM for Q5_K and Q6_K (crossover
+# 10). T=44 over E=8 with expert 0 the first choice of 20 tokens ("hot": over 16 pairs, a pass of 16
+# and a second one), the other experts with ~5 pairs (a pass whose empty second n8 block runs it as a
+# pass of 8) and out-of-range ids; T=11 over E=2 at K=2048: 11 per expert, a partly empty second
+# block, with K split across warps.
+TWO_BLOCK_SHAPES = [(44, 2, 8, 40, 512, True), (11, 2, 2, 40, 2048, False)]
 
 
 @pytest.mark.parametrize("T,k,E,N,K,invalid", TWO_BLOCK_SHAPES)
@@ -69,7 +71,9 @@ TWO_BLOCK_SHAPES = [(60, 2, 8, 40, 512, True), (16, 2, 2, 40, 2048, False)]
 @pytest.mark.parametrize("dtype,reduce,x_rank", [("bfloat16", True, 3), ("float16", False, 2)])
 def test_gguf_mma_gemv_passes_of_16(rng, T, k, E, N, K, invalid, fmt, dtype, reduce, x_rank):
     case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt=fmt, dtype=dtype, reduce=reduce, x_rank=x_rank,
-                     T=T, k=k, E=E, N=N, K=K, invalid_ids=invalid)
+                     T=T, k=k, E=E, N=N, K=K, invalid_ids=invalid, hot_tokens=20 if E == 8 else 0)
+    if E == 8:
+        assert np.count_nonzero(np.asarray(case.ids) == 0) >= 17  # over 16: a second pass
     plan = _plan(MoeKind.WMMA_GGUF, case, reduce)
     if fmt in ("Q5_K", "Q6_K"):
         assert plan.startswith("grouped_"), plan

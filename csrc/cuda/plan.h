@@ -58,14 +58,14 @@ inline bool mma_gemv_fits(const MoeProblem& p, const CudaDevice& d, bool aligned
 // reads and decodes each routed expert's rows once per pass of 8 pairs, or of 16 where experts
 // average more than 6 (mma_gemv.cuh), and serves up to kMmaGemvPairsPerExpert pairs per expert on
 // average (with passes of 8, measured on Mixtral gate+up Q4_K: at 8 per expert 504 µs against ~610
-// in the fused GEMM, at 10 a tie, at 12 695; with passes of 16 the tie is predicted near 16, not
-// yet measured: benchmarks/NOTES.md, v28); the
+// in the fused GEMM, at 10 a tie, at 12 695; with passes of 16, in one run, 472 µs at 8, 505 at 10,
+// 668 at 12 and 775 at 16 against the fused GEMM's ~610: a tie near 11, benchmarks/NOTES.md, v28); the
 // token GEMV (dense experts, and GGUF where the mma GEMV does not fit) re-reads an expert for
 // every pair: up to 2 pairs per expert, 1 on Hopper, whose wgmma GEMM streams the weights fast.
 // Formats whose GEMV tile runs passes of 16 pairs (mma_gemv.cuh: Tile::TWO_BLOCKS; Q5_K's and
-// Q6_K's would spill) cross over at 16 pairs per expert, the others at the measured 10.
+// Q6_K's would spill) cross over at the measured 11 pairs per expert, the others at 10.
 constexpr bool mma_two_blocks(GGMLType t) { return t != GGMLType::Q5_K && t != GGMLType::Q6_K; }
-constexpr int64_t kMmaGemvPairsPerExpert = 16;
+constexpr int64_t kMmaGemvPairsPerExpert = 11;
 constexpr int64_t kMmaGemvPairsPerExpertOnePass = 10;
 inline bool gemv_serves(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
   if (p.kind == MoeKind::SCALAR_GGUF) return true;  // no tensor cores: always the token GEMV
