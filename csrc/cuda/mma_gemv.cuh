@@ -158,14 +158,19 @@ struct KQuantTile {
     p.m0 = mul_rn(dmin, static_cast<float>(mn[0]));
     p.a1 = mul_rn(d, static_cast<float>(sc[1]));
     p.m1 = mul_rn(dmin, static_cast<float>(mn[1]));
+    // Q4_K's high nibbles are decoded in place (16 q, no shift): a / 16 is exact (a power of two,
+    // and a >= 2^-24 or 0 stays normal), and fma(a / 16, 16 q, -m) rounds a * q - m exactly once.
+    if constexpr (!Q5) p.a1 = mul_rn(p.a1, 0.0625f);
   }
   template <int G>
   static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
     const uint4& q = (G & 2) ? r.q1 : r.q0;
     uint32_t lo = (G & 1) ? q.z : q.x, hi = (G & 1) ? q.w : q.y;
-    if (G >= 4) { lo >>= 4; hi >>= 4; }
-    lo &= 0x0F0F0F0Fu;
-    hi &= 0x0F0F0F0Fu;
+    // Q4_K's sub-block 2c + 1 stays in the high nibbles (16 q; prep scaled its a by 1 / 16).
+    constexpr uint32_t kMask = (!Q5 && G >= 4) ? 0xF0F0F0F0u : 0x0F0F0F0Fu;
+    if (Q5 && G >= 4) { lo >>= 4; hi >>= 4; }
+    lo &= kMask;
+    hi &= kMask;
     if constexpr (Q5) {
       const uint4& h = (G & 2) ? r.qh1 : r.qh0;
       const int s = 2 * c + (G >= 4);
