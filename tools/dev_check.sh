@@ -8,25 +8,9 @@
 #   mkdir -p .dev && cp /tmp/cubuild/libjax_moe_cuda_kernels.a .dev/
 set -u
 OUT=${OUT:-/tmp/jax_moe_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
+source tools/device_setup.sh
+device_build || exit 1
 t0=$(date +%s)
-# Rebuild where the module is missing or older than a carried kernel archive (a warm machine keeps
-# the last call's build, which would otherwise run the previous kernels).
-stamp=build/h200/.prebuilt-stamp
-if ! python3 -c "import jax_moe._jax_moe_cuda" 2>/dev/null || { [ -f .dev/libjax_moe_cuda_kernels.a ] && \
-     ! cmp -s .dev/libjax_moe_cuda_kernels.a "$stamp"; }; then
-  # .dev/libjax_moe_cuda_kernels.a, when carried: the kernels built for 90a on the development machine.
-  pre=""; [ -f .dev/libjax_moe_cuda_kernels.a ] && pre="-Ccmake.define.JAX_MOE_PREBUILT_CUDA_KERNELS=$PWD/.dev/libjax_moe_cuda_kernels.a"
-  python3 -m pip install --no-build-isolation --no-deps -e . -Cbuild-dir=build/h200 $pre \
-    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a -Ccmake.define.JAX_MOE_CUDA=ON > "$OUT/build.log" 2>&1 \
-    || { tail -40 "$OUT/build.log"; exit 1; }
-  [ -f .dev/libjax_moe_cuda_kernels.a ] && cp .dev/libjax_moe_cuda_kernels.a "$stamp"
-fi
-echo "build: $(( $(date +%s) - t0 )) s"
 summary=()
 if [ -n "${1:-}" ]; then
   (cd tests && python3 -m pytest -q -m gpu test_gpu.py test_gpu_small_t.py test_gpt_oss.py test_gpu_properties.py \

@@ -3,7 +3,8 @@
 # GPU suite (or a subset) under compute-sanitizer. Logs go to $OUT; a short summary prints last.
 #   bash tools/h200_check.sh [tests|sanitize|all] [pytest -k expression for the sanitizer runs]
 #   bash tools/h200_check.sh bench "[bench_moe.py arguments]"
-#   ONLY=qwen3/gate_up/1/ bash tools/h200_check.sh decode-ncu   (ncu of every decode row: tools/profile_decode.py)
+#   ONLY=qwen3/gate_up/1/,mixtral/gate_up/1/ bash tools/h200_check.sh decode-ncu   (ncu of the decode rows,
+#     one process per part: tools/profile_decode.py)
 #   bash tools/h200_check.sh small "[bench_moe.py arguments]"   (the decode-time kernels: their GPU
 #     tests, ncu of the GEMV kernels with both Q4_K roundings, then the benchmark rows)
 set -u
@@ -12,19 +13,9 @@ SAN_K="enk or Q4_K or Q3_K or scalar or edge or reproducible or many_k or gguf_m
 [ "$MODE" != bench ] && [ -n "${2:-}" ] && SAN_K=$2
 OUT=${OUT:-/tmp/jax_moe_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
+source tools/device_setup.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
-if ! python3 -c "import jax_moe._jax_moe_cuda" 2>/dev/null; then
-  start=$(date +%s)
-  python3 -m pip install --no-build-isolation --no-deps -e . -Cbuild-dir=build/h200 \
-    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a -Ccmake.define.JAX_MOE_CUDA=ON > "$OUT/build.log" 2>&1 \
-    || { tail -60 "$OUT/build.log"; exit 1; }
-  echo "build: $(( $(date +%s) - start )) s"
-fi
+device_build || exit 1
 python3 -c "import jax, jax_moe; print('jax', jax.__version__, jax.devices()); print(jax_moe.build_info())"
 summary=()
 cd tests
@@ -73,13 +64,22 @@ if [ "$MODE" = small ]; then
   exit 0
 fi
 if [ "$MODE" = decode-ncu ]; then
-  # Where every decode row's kernel time goes (tools/profile_decode.py): ONLY=<substrings> limits the rows.
+  # Where every decode row's kernel time goes (tools/profile_decode.py): ONLY=<substrings> limits the
+  # rows, one ncu process per comma-separated part (python under ncu has died with a segfault after
+  # ~15 rows of both shapes in one process; one shape per process ran clean), the tables joined.
   cd ..
-  timeout ${NCU_S:-400} ncu --clock-control none --csv --page details --log-file "$OUT/decode_ncu.csv" \
-    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --metrics "$(python3 tools/profile_decode.py metrics)" --kernel-name regex:"token_gemv|mma_gemv|grouped_w" \
-    python3 tools/profile_decode.py run "$OUT/decode_rows.json" --only "${ONLY:-}" > "$OUT/decode_run.log" 2>&1
-  python3 tools/profile_decode.py table "$OUT/decode_ncu.csv" "$OUT/decode_rows.json" | tee "$OUT/decode_ncu.md"
+  i=0
+  for part in $(echo "${ONLY:-qwen3/gate_up/,mixtral/gate_up/,qwen3/down/,mixtral/down/}" | tr ',' ' '); do
+    i=$((i + 1)); d="$OUT/ncu_$(printf %02d $i)"; mkdir -p "$d"
+    timeout ${NCU_S:-400} ncu --clock-control none --csv --page details --log-file "$d/decode_ncu.csv" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --metrics "$(python3 tools/profile_decode.py metrics)" --kernel-name regex:"token_gemv|mma_gemv|grouped_w" \
+      python3 tools/profile_decode.py run "$d/decode_rows.json" --only "$part" > "$d/decode_run.log" 2>&1
+    python3 tools/profile_decode.py table "$d/decode_ncu.csv" "$d/decode_rows.json" > "$d/decode_ncu.md" \
+      || echo "decode-ncu: no table for $part (see $d/decode_run.log)"
+  done
+  # One header, then every part's rows.
+  cat "$OUT"/ncu_*/decode_ncu.md 2>/dev/null | awk 'NR <= 2 || !/^\| row \||^\|---/' | tee "$OUT/decode_ncu.md"
   exit 0
 fi
 if [ "$MODE" = bench ]; then
