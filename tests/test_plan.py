@@ -76,7 +76,7 @@ def test_gguf_gemv_crossover(device):
     kind, wtype = MoeKind.WMMA_GGUF, Q4_K
     assert plan(kind, wtype, 44, device=device, **MIXTRAL) == "mma_gemv"  # 88 pairs over 8 experts
     assert plan(kind, wtype, 45, device=device, **MIXTRAL).startswith("grouped_")
-    for name in ("Q5_K", "Q6_K"):  # passes of 8 only: the measured crossover of 10
+    for name in ("Q3_K", "Q5_K", "Q6_K"):  # passes of 8 only: the measured crossover of 10
         assert plan(kind, int(GGMLType[name]), 40, device=device, **MIXTRAL) == "mma_gemv"
         assert plan(kind, int(GGMLType[name]), 41, device=device, **MIXTRAL).startswith("grouped_")
     assert plan(kind, wtype, 128, device=device, **QWEN3) == "mma_gemv"  # 1024 pairs over 128

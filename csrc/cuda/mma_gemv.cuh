@@ -339,6 +339,119 @@ struct Q6KTile {
   }
 };
 
+// Q2_K (84-byte blocks, 4-byte aligned: scales[16], qs[64], d, dmin): lane c takes elements
+// 64c .. 64c+63, which are half n = c / 2 of the block at bit pairs j = 2 (c & 1) and j + 1 of the
+// 32 bytes qs[32n ..] (element 128n + 32j + l is bits 2j, 2j + 1 of qs[32n + l]), and sub-blocks
+// 4c .. 4c+3 (one 4-byte word of scales), read as 4-byte words (the block's alignment). The quants
+// stay in place: masked with 3 << 2j each byte is 4^j q, and that sub-block's a is scaled by 4^-j
+// (exact: a power of two, and a >= 2^-24 or 0 stays normal), so fma(a 4^-j, 4^j q, -m) rounds
+// a q - m once, as ggml's f32 expression does. A sub-block's a and m are made at its first group.
+template <DType D>
+struct Q2KTile {
+  static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 3;
+  static constexpr bool PARTIAL_K = false, TWO_BLOCKS = true;
+  struct Raw { uint32_t q[8], sc, dd; };
+  struct Prep { float d, dmin, a, m; };
+  static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
+  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
+    const auto* b = reinterpret_cast<const uint32_t*>(row + ch * 84);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) r.q[i] = __ldg(b + 4 + 8 * (c >> 1) + i);
+    r.sc = __ldg(b + c);
+    r.dd = __ldg(b + 20);
+  }
+  static __device__ __forceinline__ void prep(const Raw& r, int, Prep& p) {
+    p.d = half_to_float(static_cast<uint16_t>(r.dd & 0xffff));
+    p.dmin = half_to_float(static_cast<uint16_t>(r.dd >> 16));
+  }
+  template <int G>
+  static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
+    // Bytes 8 (G & 3) .. +7 of the 32, bit pair j = 2 (c & 1) + G / 4; sub-block t of the lane's 4.
+    constexpr int t = 2 * (G >> 2) + ((G & 3) >= 2 ? 1 : 0);
+    const int sh = 2 * (2 * (c & 1) + (G >> 2));
+    if constexpr ((G & 1) == 0) {
+      const uint32_t byte = (r.sc >> (8 * t)) & 0xff;
+      const float inv = __uint_as_float(static_cast<uint32_t>(127 - sh) << 23);  // 2^-2j = 4^-j
+      p.a = mul_rn(mul_rn(p.d, static_cast<float>(byte & 0xF)), inv);
+      p.m = mul_rn(p.dmin, static_cast<float>(byte >> 4));
+    }
+    const uint32_t mask = 0x03030303u << sh;
+    const uint32_t lo = r.q[2 * (G & 3)] & mask, hi = r.q[2 * (G & 3) + 1] & mask;
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const uint32_t bits = __byte_perm(u < 4 ? lo : hi, 0x4B000000u, 0x7540u | (u & 3));
+      v[u] = __fmaf_rn(p.a, __fsub_rn(__uint_as_float(bits), 8388608.0f), -p.m);
+    }
+    return round8<D>(v);
+  }
+};
+
+// Q3_K (110-byte blocks, 2-byte aligned: hmask[32], qs[64], scales[12], d): lane c takes elements
+// 64c .. 64c+63, half n = c / 2 of the block at bit pairs j = 2 (c & 1) + jp (jp = 0, 1) of the
+// 32 bytes qs[32n ..], high bits 4n + j = 2c + jp of hmask[0 .. 31], and sub-blocks 4c .. 4c+3
+// (element 128n + 32j + l: low bits 2j, 2j + 1 of qs[32n + l], high bit 4n + j of hmask[l], as
+// Format<Q3_K>). qs comes shifted right by 4 (c & 1) in the funnel shift that aligns it, so each
+// byte holds its two bit pairs at 0-1 and 2-3; hmask's bit is rotated to 2 jp + 2, above them. A
+// byte is then 4^jp (q + 4h) and 2^23 + that, less 2^23 + 4^(jp+1), is 4^jp (q + 4h - 4) exactly;
+// the sub-block's a = d (sc - 32) is scaled by 4^-jp (exact), and a q3 is exact in f32 (17 + 3
+// significant bits), as ggml's f32 product is.
+template <DType D>
+struct Q3KTile {
+  static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 2;
+  static constexpr bool PARTIAL_K = false, TWO_BLOCKS = false;  // its 16-pair passes spill
+  // qs (at 32 + 32n) and hmask (at 0) sit equally far off 8-byte boundaries: one shift, sh.
+  struct Raw { Words2<8> qs, hm; uint32_t lo, hi; uint16_t d; int sh; };
+  struct Prep { float a[4]; };
+  // Group g: bit pair jp = g & 1 of bytes 8 (g >> 1) .. +7, so that groups 2i and 2i + 1 use the
+  // same words one after the other (no word kept live across the chunk).
+  static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 32 * (g & 1) + 8 * (g >> 1); }
+  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
+    const uint8_t* b = row + ch * 110;
+    r.qs.load(b + 32 + 32 * (c >> 1), r.sh);
+    r.hm.load(b, r.sh);
+    const auto* h = reinterpret_cast<const uint16_t*>(b);
+    auto word = [&](int i) { return static_cast<uint32_t>(__ldg(h + i)) | (static_cast<uint32_t>(__ldg(h + i + 1)) << 16); };
+    r.lo = word(48 + 2 * (c & 1));  // scales[4 (c & 1) ..]
+    r.hi = word(52);                // scales[8 .. 11]
+    r.d = __ldg(h + 54);
+  }
+  // q3k_scale(scales, 4c + t): low nibble (c / 2) of scales[4 (c & 1) + t], high bits 2c of
+  // scales[8 + t]; a = d (sc - 32), scaled by 4^-jp for the sub-blocks of bit pair jp = t / 2.
+  static __device__ __forceinline__ void prep(const Raw& r, int c, Prep& p) {
+    const float d = half_to_float(r.d);
+    const uint32_t lo = r.lo >> (4 * (c >> 1)), hi = r.hi >> (2 * c);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int sc = static_cast<int>(((lo >> (8 * t)) & 0xF) | (((hi >> (8 * t)) & 3) << 4));
+      p.a[t] = mul_rn(mul_rn(d, static_cast<float>(sc - 32)), t >= 2 ? 0.25f : 1.0f);
+    }
+  }
+  // Word i (0..7) of the lane's 32 qs bytes, shifted right by 4 (c & 1) bits.
+  static __device__ __forceinline__ uint32_t qword(const Raw& r, int i, int c) {
+    const bool up = r.sh >= 4;
+    return __funnelshift_r(up ? r.qs.raw(i + 1) : r.qs.raw(i), up ? r.qs.raw(i + 2) : r.qs.raw(i + 1),
+                           8 * (r.sh & 3) + 4 * (c & 1));
+  }
+  template <int G>
+  static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
+    constexpr int jp = G & 1, w = 2 * (G >> 1), t = 2 * jp + (G >> 2);  // bytes 4w .. 4w + 7, sub-block 4c + t
+    const int rot = (2 * c - 2 - jp) & 31;  // hmask bit 2c + jp of each byte to bit 2 jp + 2
+    constexpr uint32_t kq = 0x03030303u << (2 * jp), kh = 0x04040404u << (2 * jp);
+    const uint32_t hlo = r.hm.word(w, r.sh), hhi = r.hm.word(w + 1, r.sh);
+    const uint32_t lo = (qword(r, w, c) & kq) | (__funnelshift_r(hlo, hlo, rot) & kh);
+    const uint32_t hi = (qword(r, w + 1, c) & kq) | (__funnelshift_r(hhi, hhi, rot) & kh);
+    constexpr float kOff = jp ? 8388624.0f : 8388612.0f;  // 2^23 + 4^(jp + 1)
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const uint32_t bits = __byte_perm(u < 4 ? lo : hi, 0x4B000000u, 0x7540u | (u & 3));
+      v[u] = __fmul_rn(p.a[t], __fsub_rn(__uint_as_float(bits), kOff));
+    }
+    return round8<D>(v);
+  }
+};
+
 // The tile's group G, for tiles whose group() needs the lane (GgufTile) or not.
 template <class Tile, int G>
 __device__ __forceinline__ auto tile_group(const typename Tile::Raw& r, typename Tile::Prep& p, int c)
@@ -587,11 +700,11 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, (mma_min_blocks<Tile, PASS>
 // The formats with a whole-block tile (mma_gguf_wide.cu); the others run GgufTile (mma_gguf.cu).
 constexpr bool has_wide_mma_tile(GGMLType t) {
   return t == GGMLType::Q4_K || t == GGMLType::Q5_K || t == GGMLType::Q8_0 || t == GGMLType::Q6_K ||
-         t == GGMLType::MXFP4;
+         t == GGMLType::MXFP4 || t == GGMLType::Q2_K || t == GGMLType::Q3_K;
 }
 
-// Host entry points (plan.h: mma_gemv_fits holds): GGUF experts (mma_gguf.cu), of which Q4_K, Q5_K,
-// Q8_0, Q6_K and MXFP4 from whole-block loads (mma_gguf_wide.cu).
+// Host entry points (plan.h: mma_gemv_fits holds): GGUF experts (mma_gguf.cu), of which Q2_K, Q3_K, Q4_K,
+// Q5_K, Q8_0, Q6_K and MXFP4 from whole-block loads (mma_gguf_wide.cu).
 std::string launch_mma_gguf(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 std::string launch_mma_gguf_wide(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 

@@ -1,5 +1,6 @@
-// The tensor-core GEMV (mma_gemv.cuh) for GGUF experts: Q4_K, Q5_K, Q8_0, Q6_K and MXFP4 through
-// their wide tiles (mma_gguf_wide.cu), every other format through its Format<> traits (GgufTile).
+// The tensor-core GEMV (mma_gemv.cuh) for GGUF experts: Q2_K, Q4_K, Q5_K, Q8_0, Q6_K and MXFP4
+// through their wide tiles (mma_gguf_wide.cu), every other format (Q3_K) through its Format<>
+// traits (GgufTile).
 #include "mma_gemv.cuh"
 
 namespace jax_moe {

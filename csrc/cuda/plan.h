@@ -62,9 +62,11 @@ inline bool mma_gemv_fits(const MoeProblem& p, const CudaDevice& d, bool aligned
 // 668 at 12 and 775 at 16 against the fused GEMM's ~610: a tie near 11, benchmarks/NOTES.md, v28); the
 // token GEMV (dense experts, and GGUF where the mma GEMV does not fit) re-reads an expert for
 // every pair: up to 2 pairs per expert, 1 on Hopper, whose wgmma GEMM streams the weights fast.
-// Formats whose GEMV tile runs passes of 16 pairs (mma_gemv.cuh: Tile::TWO_BLOCKS; Q5_K's and
-// Q6_K's would spill) cross over at the measured 11 pairs per expert, the others at 10.
-constexpr bool mma_two_blocks(GGMLType t) { return t != GGMLType::Q5_K && t != GGMLType::Q6_K; }
+// Formats whose GEMV tile runs passes of 16 pairs (mma_gemv.cuh: Tile::TWO_BLOCKS; Q3_K's, Q5_K's
+// and Q6_K's would spill) cross over at the measured 11 pairs per expert, the others at 10.
+constexpr bool mma_two_blocks(GGMLType t) {
+  return t != GGMLType::Q3_K && t != GGMLType::Q5_K && t != GGMLType::Q6_K;
+}
 constexpr int64_t kMmaGemvPairsPerExpert = 11;
 constexpr int64_t kMmaGemvPairsPerExpertOnePass = 10;
 inline bool gemv_serves(const MoeProblem& p, const CudaDevice& d, bool aligned16) {
