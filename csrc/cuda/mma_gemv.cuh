@@ -82,32 +82,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 // PARTIAL_K: whether the tile reads rows where K % 256 != 0 (plan.h: mma_gemv_k_fits); TWO_BLOCKS:
 // whether it runs passes of 16 pairs (two n8 blocks) in 128 registers without spills.
 
-// Any GGUF format through its Format<> traits (decode8_rounded: ggml's formulas, rounded once to
-// D), read from global memory as the format's alignment allows. Lane c covers elements
-// 64c .. 64c+63 of the chunk.
-template <class F, DType D>
-struct GgufTile {
-  static_assert(kMmaChunk % F::QK == 0 && F::SUB % 8 == 0 && 64 % F::SUB == 0, "chunk holds whole sub-blocks");
-  static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 2;
-  static constexpr bool PARTIAL_K = false, TWO_BLOCKS = true;
-  struct Raw { const uint8_t* chunk; };
-  struct Prep { float a, m; };
-  static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
-  static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int) {
-    r.chunk = row + ch * (kMmaChunk / F::QK) * static_cast<int64_t>(sizeof(typename F::Block));
-  }
-  static __device__ __forceinline__ void prep(const Raw&, int, Prep&) {}
-  template <int G>
-  static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
-    if (!r.chunk) return make_uint4(0, 0, 0, 0);  // a row past N
-    const int e = 64 * c + 8 * G;  // element of the chunk
-    const auto& blk = reinterpret_cast<const typename F::Block*>(r.chunk)[e / F::QK];
-    const int i0 = e % F::QK;
-    if ((8 * G) % F::SUB == 0) F::scale_min(blk, i0 / F::SUB, p.a, p.m);
-    return decode8_rounded<F, D>(blk, i0, p.a, p.m);
-  }
-};
-
 // Eight decoded values rounded once to D, packed in pairs (element 0 in the low half of .x).
 template <DType D>
 __device__ __forceinline__ uint4 round8(const float (&v)[8]) {
@@ -452,7 +426,7 @@ struct Q3KTile {
   }
 };
 
-// The tile's group G, for tiles whose group() needs the lane (GgufTile) or not.
+// The tile's group G, for tiles whose group() needs the lane or not (Mxfp4Tile).
 template <class Tile, int G>
 __device__ __forceinline__ auto tile_group(const typename Tile::Raw& r, typename Tile::Prep& p, int c)
     -> decltype(Tile::template group<G>(r, p, c)) {
@@ -693,18 +667,10 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, (mma_min_blocks<Tile, PASS>
   }
 }
 
-// Whether mma_gemv serves problem p on a device of compute capability cc_major (x and w 16-byte
-// aligned: aligned16). GGUF experts only: for dense experts the token GEMV (token_gemv.cuh) was
-// faster at T = 1 (benchmarks/NOTES.md, v16), and the GEMM beyond.
-
-// The formats with a whole-block tile (mma_gguf_wide.cu); the others run GgufTile (mma_gguf.cu).
-constexpr bool has_wide_mma_tile(GGMLType t) {
-  return t == GGMLType::Q4_K || t == GGMLType::Q5_K || t == GGMLType::Q8_0 || t == GGMLType::Q6_K ||
-         t == GGMLType::MXFP4 || t == GGMLType::Q2_K || t == GGMLType::Q3_K;
-}
-
-// Host entry points (plan.h: mma_gemv_fits holds): GGUF experts (mma_gguf.cu), of which Q2_K, Q3_K, Q4_K,
-// Q5_K, Q8_0, Q6_K and MXFP4 from whole-block loads (mma_gguf_wide.cu).
+// Host entry points (plan.h: mma_gemv_fits holds): GGUF experts, each format through its
+// whole-block tile. The instantiations are split over two translation units, which compile in
+// parallel: Q2_K, Q3_K and Q8_0 in mma_gguf.cu (launch_mma_gguf, which takes every format), Q4_K,
+// Q5_K, Q6_K and MXFP4 in mma_gguf_wide.cu.
 std::string launch_mma_gguf(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 std::string launch_mma_gguf_wide(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream);
 
@@ -724,7 +690,7 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   // out when an expert or two is missing. Without reduce, splits only add blocks: the tiles built for
   // 3 blocks per SM split until the grid holds 1.5 waves of resident warps, since longer items keep
   // each warp's loads streaming (benchmarks/NOTES.md, v25); the others, with 16 warps per SM and
-  // Q6_K and GgufTile one chunk ahead, keep the first rule (they measured slower without it). The
+  // Q6_K one chunk ahead, keep the first rule (they measured slower without it). The
   // partials must fit in shared memory.
   int sms = 0;
   if (std::string err = multiprocessor_count(sms); !err.empty()) return "mma_gemv_kernel " + err;
