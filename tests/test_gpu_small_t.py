@@ -59,10 +59,10 @@ def test_gguf_mma_gemv(rng, T, k, E, N, K, invalid, fmt, dtype, reduce, x_rank):
 
 # 11 pairs per expert on average: passes of 16 (two n8 blocks on each decoded weight) in the GEMV
 # where the format's tile has them (plan.h mma_two_blocks), the GEMM for Q3_K, Q5_K and Q6_K
-# (crossover 10). T=44 over E=8 with expert 0 the first choice of 20 tokens ("hot": over 16 pairs, a pass of 16
-# and a second one), the other experts with ~5 pairs (a pass whose empty second n8 block runs it as a
-# pass of 8) and out-of-range ids; T=11 over E=2 at K=2048: 11 per expert, a partly empty second
-# block, with K split across warps.
+# (crossover 10). T=44 over E=8 with expert 0 the first choice of 20 tokens ("hot": over 16 pairs,
+# a pass of 16 and a second one), the other experts with ~5 pairs (a pass whose empty second n8
+# block runs it as a pass of 8) and out-of-range ids; T=11 over E=2 at K=2048: 11 per expert, a
+# partly empty second block, with K split across warps.
 TWO_BLOCK_SHAPES = [(44, 2, 8, 40, 512, True), (11, 2, 2, 40, 2048, False)]
 
 
