@@ -41,6 +41,7 @@ constexpr int kMmaMaxWarps = 8;
 // every sm_80+ GPU's per-block limit (99 KiB on the smallest).
 constexpr int kMmaPartialBytes = 64 * 1024;
 static_assert(kMmaMaxPairs * kMmaRows * 4 <= kMmaPartialBytes, "one split of the largest call fits");
+constexpr int kMmaSplitPartialBytes = 32 * 1024;  // K splits only while their partials fit in this
 
 struct MmaGemvArgs {
   const void* x;
@@ -262,9 +263,10 @@ struct Words2 {
     shift = static_cast<int>(a & 7);
   }
   __device__ __forceinline__ uint32_t raw(int k) const { return (k & 1) ? v[k >> 1].y : v[k >> 1].x; }
-  __device__ __forceinline__ uint32_t word(int i, int shift) const {  // i: a compile-time index
+  // Word i (a compile-time index) of the bytes at p, shifted right by `bits` (0..7) more.
+  __device__ __forceinline__ uint32_t word(int i, int shift, int bits = 0) const {
     const bool up = shift >= 4;
-    return __funnelshift_r(up ? raw(i + 1) : raw(i), up ? raw(i + 2) : raw(i + 1), 8 * (shift & 3));
+    return __funnelshift_r(up ? raw(i + 1) : raw(i), up ? raw(i + 2) : raw(i + 1), 8 * (shift & 3) + bits);
   }
 };
 
@@ -401,20 +403,15 @@ struct Q3KTile {
       p.a[t] = mul_rn(mul_rn(d, static_cast<float>(sc - 32)), t >= 2 ? 0.25f : 1.0f);
     }
   }
-  // Word i (0..7) of the lane's 32 qs bytes, shifted right by 4 (c & 1) bits.
-  static __device__ __forceinline__ uint32_t qword(const Raw& r, int i, int c) {
-    const bool up = r.sh >= 4;
-    return __funnelshift_r(up ? r.qs.raw(i + 1) : r.qs.raw(i), up ? r.qs.raw(i + 2) : r.qs.raw(i + 1),
-                           8 * (r.sh & 3) + 4 * (c & 1));
-  }
   template <int G>
   static __device__ __forceinline__ uint4 group(const Raw& r, Prep& p, int c) {
     constexpr int jp = G & 1, w = 2 * (G >> 1), t = 2 * jp + (G >> 2);  // bytes 4w .. 4w + 7, sub-block 4c + t
     const int rot = (2 * c - 2 - jp) & 31;  // hmask bit 2c + jp of each byte to bit 2 jp + 2
     constexpr uint32_t kq = 0x03030303u << (2 * jp), kh = 0x04040404u << (2 * jp);
     const uint32_t hlo = r.hm.word(w, r.sh), hhi = r.hm.word(w + 1, r.sh);
-    const uint32_t lo = (qword(r, w, c) & kq) | (__funnelshift_r(hlo, hlo, rot) & kh);
-    const uint32_t hi = (qword(r, w + 1, c) & kq) | (__funnelshift_r(hhi, hhi, rot) & kh);
+    // qs words shifted right by 4 (c & 1): the lane's bit pairs at bits 0-3 of each byte.
+    const uint32_t lo = (r.qs.word(w, r.sh, 4 * (c & 1)) & kq) | (__funnelshift_r(hlo, hlo, rot) & kh);
+    const uint32_t hi = (r.qs.word(w + 1, r.sh, 4 * (c & 1)) & kq) | (__funnelshift_r(hhi, hhi, rot) & kh);
     constexpr float kOff = jp ? 8388624.0f : 8388612.0f;  // 2^23 + 4^(jp + 1)
     float v[8];
 #pragma unroll
@@ -679,7 +676,7 @@ template <class Tile, DType D>
 std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream_t stream) {
   if (p.N == 0) return {};
   // What plan.h (mma_gemv_fits, mma_two_blocks) promised this kernel.
-  if (p.pairs() > kMmaMaxPairs || p.K % 64 != 0 || (p.K % kMmaChunk != 0 && !Tile::PARTIAL_K) ||
+  if (p.pairs() > kMmaMaxPairs || !mma_gemv_k_fits(p.wtype, p.K) || (p.K % kMmaChunk != 0 && !Tile::PARTIAL_K) ||
       Tile::TWO_BLOCKS != mma_two_blocks(p.wtype))
     return "internal: mma_gemv_kernel cannot take " + std::to_string(p.pairs()) + " pairs at K = " + std::to_string(p.K);
   const int P = static_cast<int>(p.pairs());
@@ -700,8 +697,8 @@ std::string launch_mma_gemv(const MoeProblem& p, const MoeBuffers& b, cudaStream
   const int min_blocks = two ? mma_min_blocks<Tile, 2 * kMmaPass>() : mma_min_blocks<Tile, kMmaPass>();
   const int64_t tiles = (p.N + kMmaRows - 1) / kMmaRows;
   const int64_t wave = int64_t{sms} * kMmaMaxWarps * min_blocks;  // resident warps, all SMs
-  // Splits only while the partials stay within 32 KiB (one split takes up to kMmaPartialBytes).
-  auto fits = [&](int s) { return static_cast<int64_t>(s) * P * kMmaRows * 4 <= 32 * 1024; };
+  // Splits only while the partials stay within kMmaSplitPartialBytes (one split takes up to kMmaPartialBytes).
+  auto fits = [&](int s) { return static_cast<int64_t>(s) * P * kMmaRows * 4 <= kMmaSplitPartialBytes; };
   auto group_of = [&](int s) { return p.reduce ? U : std::max(1, std::min(U, 8 / s)); };
   auto warps_of = [&](int s) {
     const int g = group_of(s);
