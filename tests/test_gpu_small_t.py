@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -132,6 +133,35 @@ def test_mxfp4_mma_gemv_partial_chunk_columns(rng):
             dec = gguf_decode(np.asarray(case.w.data), "MXFP4", K)[0, :, i]
             want = np.asarray(jnp.asarray(dec, jnp.bfloat16).astype(jnp.float32))
             np.testing.assert_array_equal(out, want, err_msg=f"K {K} column {i}")
+
+
+def test_mxfp4_mma_gemv_every_scale_byte(rng):
+    """Every E8M0 scale byte through the bf16 GEMV's MXFP4 decode (mma_gemv.cuh: E2M1 bits placed in
+    bf16's, then one bf16 product by 2^(e - 1), or a second by 2^(e - 128) in the chunks where a
+    lane's block has e > 128): x a unit vector e_i, the f32 output is exactly the gguf-py decode of
+    column i rounded once to bf16. Chunk 0 of every row holds e = 0..127 (the common path, with the
+    subnormal scales e < 2), chunk 1 e = 128..252 (the rare path; from 253 on 12 x 2^(e - 128)
+    overflows, and the zeros of x times it would be NaN)."""
+    N, K = 16, 512
+    case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt="MXFP4", dtype="bfloat16", reduce=False, T=1, k=1, E=1,
+                     N=N, K=K, invalid_ids=False, with_scores=False)
+    data = np.array(case.w.data).reshape(1, N, K // 32, 17)
+    row, blk = np.meshgrid(np.arange(N), np.arange(K // 32), indexing="ij")
+    data[..., 0] = np.where(blk < 8, row * 8 + blk, 128 + (row * 8 + blk - 8) % 125).astype(np.uint8)
+    assert sorted(set(data[..., 0].ravel())) == list(range(253))
+    data = data.reshape(1, N, -1)
+    w = type(case.w)(jnp.asarray(data), "MXFP4", (1, N, K))
+    dec = gguf_decode(data, "MXFP4", K)[0]
+    for b in range(K // 32):
+        for i in (32 * b + int(rng.integers(0, 16)), 32 * b + 16 + int(rng.integers(0, 16))):
+            x = np.zeros((1, K), np.float32)
+            x[0, i] = 1.0
+            unit = Case(jnp.asarray(x, jnp.bfloat16), case.ids, w, None, case.ref, "float32")
+            assert _plan(MoeKind.WMMA_GGUF, unit, False) == "mma_gemv"
+            out = np.asarray(gpu_run(unit, reduce=False)).reshape(-1)
+            want = dec[:, i].astype(ml_dtypes.bfloat16).astype(np.float32)
+            # Equal values (a decoded -0 comes out +0: the f32 sum starts at +0).
+            np.testing.assert_array_equal(out, want, err_msg=f"column {i} (block {b})")
 
 
 # Up to 1024 pairs (Qwen3 up to T = 128): past 768 the partial dots take over the default 48 KiB of

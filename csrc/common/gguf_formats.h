@@ -289,6 +289,35 @@ JM_HD uint64_t mxfp4_group8(const uint32_t (&q)[4], int g) {
   return e2m1_bytes(lo | (static_cast<uint64_t>(hi) << 32));
 }
 
+// MXFP4 straight to bfloat16, for the tensor-core GEMV (bf16 activations): two E2M1 codes at bits
+// 0-3 and 16-19 of q (bits 4-7 and 20-23 are ignored; bytes 1 and 3 must be zero) become two bf16
+// whose bits are the codes': the sign to bit 15, E2M1's two exponent bits and its mantissa bit to
+// bf16's two lowest exponent bits and top mantissa bit (bits 6-8). A bf16 with exponent field E =
+// 0..3 and top mantissa bit m is 2^-126 x (E > 0 ? 2^(E - 1) (1 + m / 2) : m / 2): the E2M1 value
+// times 2^-126, its own subnormals (0 and 0.5) bf16's subnormals. Code 8 gives -0 (ggml: +0).
+JM_HD uint32_t e2m1_bf16x2(uint32_t q) { return ((q << 6) | (q << 12)) & 0x81C081C0u; }
+
+// Group g (0..3) of a block's quant words q (mxfp4_group8's elements 8g .. 8g + 7) as four bf16
+// pairs (elements 2i, 2i + 1 in pair i, the first in the low half) of the E2M1 values x 2^-126:
+// each quant word's bytes 0 and 1 (2 and 3) spread to bytes 0 and 2 by one byte permute.
+struct Bf16x2x4 { uint32_t v[4]; };
+JM_HD Bf16x2x4 mxfp4_bf16_group8(const uint32_t (&q)[4], int g) {
+  const int sh = g >= 2 ? 4 : 0;
+  const uint32_t a = q[2 * (g & 1)] >> sh, b = q[2 * (g & 1) + 1] >> sh;
+  return {{e2m1_bf16x2(byte_perm(a, 0, 0x4140u)), e2m1_bf16x2(byte_perm(a, 0, 0x4342u)),
+           e2m1_bf16x2(byte_perm(b, 0, 0x4140u)), e2m1_bf16x2(byte_perm(b, 0, 0x4342u))}};
+}
+
+// The bf16 pair factors that take mxfp4_bf16_group8's values to ggml's kvalue x e8m0_half(e) =
+// E2M1 x 2^(e - 127), each product rounded once (to nearest even): s1 = 2^(e - 1) for e <= 128 and
+// s2 = 1 (the one product is the value, rounded once); for e > 128 (2^(e - 1) is past bf16's range)
+// s1 = 2^127, whose product is exact (2 x E2M1, at most 12), and s2 = 2^(e - 128).
+struct Mxfp4Bf16Scale { uint32_t s1, s2; };
+JM_HD Mxfp4Bf16Scale mxfp4_bf16_scale(uint8_t e) {
+  const uint32_t lo = (e <= 128 ? e + 126u : 254u) << 7, hi = (e <= 128 ? 127u : e - 1u) << 7;
+  return {lo | (lo << 16), hi | (hi << 16)};
+}
+
 // Decode elements i0 .. i0+7 (one aligned group inside one sub-block) given that sub-block's
 // scale and min: ggml's formula, unfused f32.
 template <class F>

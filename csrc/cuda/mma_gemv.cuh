@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "../common/gguf_formats.h"
 #include "common.cuh"
@@ -216,17 +217,29 @@ struct Q80Tile {
 // MXFP4 from 8-byte loads: a chunk is 8 blocks of 17 bytes (136); lane c's blocks 2c, 2c + 1 are
 // the 34 bytes at 34c, inside the five aligned words that mxfp4_lane_addr names (rows on any 2-byte
 // boundary: gpt-oss's K = 2880 gives 1530-byte rows). gguf_formats.h's mxfp4_lane (tested on the
-// host against Format<MXFP4>) takes the scales and quants out of them once per chunk; a group is
-// then one nibble mask and the E2M1 byte permute (e2m1_bytes), like Format<MXFP4>::quant8.
-template <DType D>
+// host against Format<MXFP4>) takes the scales and quants out of them once per chunk.
+// With bf16 activations a group is four byte permutes, four shift-shift-LOP3s (mxfp4_bf16_group8:
+// the E2M1 bits placed in bf16's, the value x 2^-126) and four bf16 pair products by 2^(e - 1),
+// each the ggml value rounded once: no conversions, about 2.5 instructions a weight against the f32
+// path's 6.5. Scales past 2^1 (e > 128: 2^(e - 1) is past bf16's range) take a second product by
+// 2^(e - 128) (mxfp4_bf16_scale); a chunk where any lane's block has one runs the RARE variant
+// (mma_chunk), so the common path issues no predicated second products. With f16 activations the
+// E2M1 byte permute (e2m1_bytes) and the f32 path, like Format<MXFP4>::quant8.
+struct Mxfp4Raw { uint2 v[5]; int at; };
+struct Mxfp4Prep { float a0, a1; Mxfp4Lane l; Mxfp4Bf16Scale sa, sb; };
+template <DType D, bool RARE = false>
 struct Mxfp4Tile {
   using F = Format<GGMLType::MXFP4>;
   static constexpr int GROUPS = 8, DEPTH = 1, MIN_BLOCKS = 3, CHUNK_BYTES = kMmaChunk / F::QK * 17;
   static_assert(CHUNK_BYTES == 136 && sizeof(typename F::Block) == 17, "8 blocks of 17 bytes per chunk");
   static constexpr bool PARTIAL_K = true;  // K % 64 == 0: rows on 2-byte boundaries, a partial last chunk
   static constexpr bool TWO_BLOCKS = true;
-  struct Raw { uint2 v[5]; int at; };
-  struct Prep { float a0, a1; Mxfp4Lane l; };
+  static constexpr bool BF16 = D == DType::BF16;
+  // mma_chunk's rare path: the tile that also takes the second products (bf16 only).
+  static constexpr bool HAS_RARE = BF16 && !RARE;
+  using Rare = Mxfp4Tile<D, true>;
+  using Raw = Mxfp4Raw;
+  using Prep = Mxfp4Prep;
   static __device__ __forceinline__ int kpos(int c, int g) { return 64 * c + 8 * g; }
   static __device__ __forceinline__ void load(Raw& r, const uint8_t* row, int64_t ch, int c) {
     const Mxfp4LaneAddr where = mxfp4_lane_addr(row, ch, c);
@@ -235,16 +248,45 @@ struct Mxfp4Tile {
     for (int i = 0; i < 5; ++i) r.v[i] = __ldg(p + i);
     r.at = where.at;
   }
-  static __device__ __forceinline__ void prep(const Raw& r, int, Prep& p) {
+  static __device__ __forceinline__ Mxfp4Lane lane(const Raw& r) {
     const uint32_t w[10] = {r.v[0].x, r.v[0].y, r.v[1].x, r.v[1].y, r.v[2].x,
                             r.v[2].y, r.v[3].x, r.v[3].y, r.v[4].x, r.v[4].y};
-    p.l = mxfp4_lane(w, r.at);
-    p.a0 = e8m0_half(p.l.ea);
-    p.a1 = e8m0_half(p.l.eb);
+    return mxfp4_lane(w, r.at);
+  }
+  static __device__ __forceinline__ void prep(const Raw& r, int, Prep& p) {
+    p.l = lane(r);
+    if constexpr (BF16) {
+      p.sa = mxfp4_bf16_scale(p.l.ea);
+      p.sb = mxfp4_bf16_scale(p.l.eb);
+    } else {
+      p.a0 = e8m0_half(p.l.ea);
+      p.a1 = e8m0_half(p.l.eb);
+    }
+  }
+  // Whether this lane's blocks of the chunk need the rare path (only their scale bytes are used).
+  static __device__ __forceinline__ bool rare(const Raw& r) {
+    const Mxfp4Lane l = lane(r);
+    return l.ea > 128 || l.eb > 128;
+  }
+  static __device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+    const __nv_bfloat162 r = __hmul2_rn(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                        *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
   }
   template <int G>
   static __device__ __forceinline__ uint4 group(const Raw&, Prep& p) {
-    return decode_quants8<F, D>(mxfp4_group8(G < 4 ? p.l.qa : p.l.qb, G & 3), G < 4 ? p.a0 : p.a1, 0.0f);
+    if constexpr (BF16) {
+      Bf16x2x4 v = mxfp4_bf16_group8(G < 4 ? p.l.qa : p.l.qb, G & 3);
+      const Mxfp4Bf16Scale s = G < 4 ? p.sa : p.sb;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        v.v[i] = mul_bf16x2(v.v[i], s.s1);
+        if constexpr (RARE) v.v[i] = mul_bf16x2(v.v[i], s.s2);  // s2 = 1 where e <= 128
+      }
+      return make_uint4(v.v[0], v.v[1], v.v[2], v.v[3]);
+    } else {
+      return decode_quants8<F, D>(mxfp4_group8(G < 4 ? p.l.qa : p.l.qb, G & 3), G < 4 ? p.a0 : p.a1, 0.0f);
+    }
   }
 };
 
@@ -460,13 +502,19 @@ __device__ __forceinline__ uint4 load_x8(const uint16_t* xrow, int64_t off) {
   return xrow ? __ldg(reinterpret_cast<const uint4*>(xrow + off)) : make_uint4(0, 0, 0, 0);
 }
 
+// Whether a tile has a rare variant (Tile::Rare) that mma_chunk runs where Tile::rare says so.
+template <class T, class = void>
+struct HasRare : std::false_type {};
+template <class T>
+struct HasRare<T, std::void_t<decltype(T::HAS_RARE)>> : std::bool_constant<T::HAS_RARE> {};
+
 // One chunk of the warp's tile (rows g and g + 8 from ra and rb): decode the groups and run two
 // mmas per group and n8 block of pairs (x: the first, into acc; x2: with PASS = 16, the second,
 // into acc2, on the same decoded weights).
 template <class Tile, DType D, int PASS>
-__device__ __forceinline__ void mma_chunk(float (&acc)[4], float (&acc2)[4], const typename Tile::Raw& ra,
-                                          const typename Tile::Raw& rb, const uint16_t* x, const uint16_t* x2,
-                                          int64_t ch, int c) {
+__device__ __forceinline__ void mma_chunk_groups(float (&acc)[4], float (&acc2)[4], const typename Tile::Raw& ra,
+                                                 const typename Tile::Raw& rb, const uint16_t* x, const uint16_t* x2,
+                                                 int64_t ch, int c) {
   typename Tile::Prep pa, pb;
   Tile::prep(ra, c, pa);
   Tile::prep(rb, c, pb);
@@ -489,21 +537,35 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4], float (&acc2)[4], con
 #undef JAX_MOE_MMA_GROUP
 }
 
-// All chunks [ch0, ch1) of one pass, DEPTH chunks of weights loaded ahead. The lane's elements of a
-// chunk (64c .. 64c + 63) exist in the chunks before lane_end: past it (the last chunk, where
-// K % 256 != 0) the lane reads nothing and feeds zeros for w and x.
-// TAIL: K % 256 != 0 (only tiles with PARTIAL_K are built with it; the others keep their registers).
-template <class Tile, DType D, bool TAIL, int PASS>
-__device__ __forceinline__ void mma_pass(float (&acc)[4], float (&acc2)[4], const uint8_t* rowa, const uint8_t* rowb,
-                                         const uint16_t* x, const uint16_t* x2, int ch0, int ch1, int lane_end, int c) {
+// One chunk, as mma_chunk_groups. A tile with a rare variant (HasRare) runs it for the whole chunk
+// where any lane's rows need it (Tile::rare on the raw bytes; a warp-uniform branch, so the common
+// path carries none of the rare path's instructions).
+template <class Tile, DType D, int PASS>
+__device__ __forceinline__ void mma_chunk(float (&acc)[4], float (&acc2)[4], const typename Tile::Raw& ra,
+                                          const typename Tile::Raw& rb, const uint16_t* x, const uint16_t* x2,
+                                          int64_t ch, int c) {
+  if constexpr (HasRare<Tile>::value) {
+    if (__any_sync(0xffffffffu, Tile::rare(ra) || Tile::rare(rb))) {
+      mma_chunk_groups<typename Tile::Rare, D, PASS>(acc, acc2, ra, rb, x, x2, ch, c);
+      return;
+    }
+  }
+  mma_chunk_groups<Tile, D, PASS>(acc, acc2, ra, rb, x, x2, ch, c);
+}
+
+// All chunks [ch0, ch1) of one pass, DEPTH chunks of weights loaded ahead, each holding all four
+// lanes' elements.
+template <class Tile, DType D, int PASS>
+__device__ __forceinline__ void mma_pass_whole(float (&acc)[4], float (&acc2)[4], const uint8_t* rowa,
+                                               const uint8_t* rowb, const uint16_t* x, const uint16_t* x2, int ch0,
+                                               int ch1, int c) {
   constexpr int DEPTH = Tile::DEPTH;
-  if constexpr (!TAIL) lane_end = ch1;
   typename Tile::Raw ba[DEPTH], bb[DEPTH];
 #pragma unroll
   for (int i = 0; i < DEPTH; ++i) {
     ba[i] = typename Tile::Raw{};
     bb[i] = typename Tile::Raw{};
-    if (ch0 + i < ch1 && ch0 + i < lane_end) {
+    if (ch0 + i < ch1) {
       if (rowa) Tile::load(ba[i], rowa, ch0 + i, c);
       if (rowb) Tile::load(bb[i], rowb, ch0 + i, c);
     }
@@ -512,19 +574,37 @@ __device__ __forceinline__ void mma_pass(float (&acc)[4], float (&acc2)[4], cons
 #pragma unroll
     for (int i = 0; i < DEPTH; ++i) {
       if (ch + i < ch1) {
-        const bool in = !TAIL || ch + i < lane_end;
-        mma_chunk<Tile, D, PASS>(acc, acc2, ba[i], bb[i], in ? x : nullptr, in ? x2 : nullptr, ch + i, c);
+        mma_chunk<Tile, D, PASS>(acc, acc2, ba[i], bb[i], x, x2, ch + i, c);
         const int next = ch + i + DEPTH;
         if (next < ch1) {
-          if (!TAIL || next < lane_end) {
-            if (rowa) Tile::load(ba[i], rowa, next, c);
-            if (rowb) Tile::load(bb[i], rowb, next, c);
-          } else {
-            ba[i] = typename Tile::Raw{};
-            bb[i] = typename Tile::Raw{};
-          }
+          if (rowa) Tile::load(ba[i], rowa, next, c);
+          if (rowb) Tile::load(bb[i], rowb, next, c);
         }
       }
+    }
+  }
+}
+
+// All chunks [ch0, ch1) of one pass. TAIL: K % 256 != 0 (only tiles with PARTIAL_K are built with
+// it): the chunks before `whole` (K / 256) run as above, and the last one, `whole`, holds lane c's
+// elements (64c .. 64c + 63) only where `in_last`; elsewhere the lane reads nothing and feeds zeros
+// for w and x. Keeping the partial chunk out of the loop keeps the loop's registers those of
+// whole chunks.
+template <class Tile, DType D, bool TAIL, int PASS>
+__device__ __forceinline__ void mma_pass(float (&acc)[4], float (&acc2)[4], const uint8_t* rowa, const uint8_t* rowb,
+                                         const uint16_t* x, const uint16_t* x2, int ch0, int ch1, int whole,
+                                         bool in_last, int c) {
+  if constexpr (!TAIL) {
+    mma_pass_whole<Tile, D, PASS>(acc, acc2, rowa, rowb, x, x2, ch0, ch1, c);
+  } else {
+    mma_pass_whole<Tile, D, PASS>(acc, acc2, rowa, rowb, x, x2, ch0, min(ch1, whole), c);
+    if (ch0 <= whole && whole < ch1) {
+      typename Tile::Raw ra{}, rb{};
+      if (in_last) {
+        if (rowa) Tile::load(ra, rowa, whole, c);
+        if (rowb) Tile::load(rb, rowb, whole, c);
+      }
+      mma_chunk<Tile, D, PASS>(acc, acc2, ra, rb, in_last ? x : nullptr, in_last ? x2 : nullptr, whole, c);
     }
   }
 }
@@ -575,8 +655,10 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, (mma_min_blocks<Tile, PASS>
   static_assert(32 * Tile::GROUPS == kMmaChunk, "a chunk is 256 elements, 64 per lane");
   const int chunks = static_cast<int>(TAIL ? (a.K + kMmaChunk - 1) / kMmaChunk : a.K / kMmaChunk);
   const int c = lane & 3, g = lane >> 2;
-  // The chunks that hold lane c's elements (K % 64 == 0, plan.h); all of them unless TAIL.
-  const int lane_end = TAIL ? static_cast<int>((a.K - 64 * c + kMmaChunk - 1) / kMmaChunk) : chunks;
+  // TAIL: the chunks before `whole` hold every lane's elements; the last holds lane c's where
+  // in_last (K % 64 == 0, plan.h).
+  const int whole = static_cast<int>(a.K / kMmaChunk);
+  const bool in_last = TAIL && int64_t{whole} * kMmaChunk + 64 * c < a.K;
   const int64_t na = n0 + g, nb = n0 + g + 8;
   for (int item = warp; item < nu * a.splits; item += nwarps) {
     const int u = u0 + item / a.splits, s = item % a.splits;
@@ -607,9 +689,9 @@ __global__ void __launch_bounds__(kMmaMaxWarps * 32, (mma_min_blocks<Tile, PASS>
       // A pass of 16 whose second n8 block is empty (the expert's last <= 8 pairs) runs as 8.
       const bool second = PASS > kMmaPass && __ballot_sync(0xffffffffu, pb >= 0) != 0;
       if (second)
-        mma_pass<Tile, D, TAIL, PASS>(acc, acc2, rowa, rowb, xa, xb, ch0, ch1, lane_end, c);
+        mma_pass<Tile, D, TAIL, PASS>(acc, acc2, rowa, rowb, xa, xb, ch0, ch1, whole, in_last, c);
       else
-        mma_pass<Tile, D, TAIL, kMmaPass>(acc, acc2, rowa, rowb, xa, nullptr, ch0, ch1, lane_end, c);
+        mma_pass<Tile, D, TAIL, kMmaPass>(acc, acc2, rowa, rowb, xa, nullptr, ch0, ch1, whole, in_last, c);
       // acc[0..1]: rows g, acc[2..3]: rows g + 8, of pair slots 2c and 2c + 1 (acc2: 8 + 2c, 9 + 2c).
       float* part = s_part + int64_t{s} * P * kMmaRows;
       auto store = [&](const float (&v)[4], int slots) {

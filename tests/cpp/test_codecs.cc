@@ -284,6 +284,64 @@ void test_mxfp4_gemv_rows(std::mt19937_64& gen) {
   }
 }
 
+// The bf16 GEMV's MXFP4 decode (mma_gemv.cuh Mxfp4Tile, bf16 activations): the E2M1 bits placed in
+// bf16's (e2m1_bf16x2) are each code's value x 2^-126, group by group in mxfp4_group8's order, and
+// the pair products by mxfp4_bf16_scale's factors, each rounded once as the device's bf16 multiply
+// does, equal the CPU codec's kvalue x e8m0_half(e) rounded to bf16, for every code and every scale
+// byte: one product (s1) on the common path (e <= 128), both (s1, then s2 = 1 or 2^(e - 128)) on
+// the rare one. Code 8 decodes to -0 where ggml has +0.
+uint16_t bf16_mul_rn(uint16_t a, uint16_t b) {
+  // The product of two bf16 is exact in double; here it has at most 2 significant bits, so it is
+  // exact in f32 too unless it is past f32's range (then RNE gives inf).
+  const double p = static_cast<double>(bf16_to_float(a)) * static_cast<double>(bf16_to_float(b));
+  if (std::fabs(p) > static_cast<double>(FLT_MAX)) return p > 0 ? 0x7F80 : 0xFF80;
+  return float_to_bf16(static_cast<float>(p));
+}
+
+void test_mxfp4_bf16(std::mt19937_64& gen) {
+  const int kvalues[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  const float two126 = std::ldexp(1.0f, 126);
+  for (int e = 0; e < 256; ++e) {
+    const Mxfp4Bf16Scale s = mxfp4_bf16_scale(static_cast<uint8_t>(e));
+    CHECK((s.s1 >> 16) == (s.s1 & 0xFFFF) && (s.s2 >> 16) == (s.s2 & 0xFFFF), "e=%d: both halves alike\n", e);
+    for (int c0 = 0; c0 < 16; ++c0) {
+      for (int c1 = 0; c1 < 16; ++c1) {
+        // Bits 4-7 and 20-23 (the byte's other code) are ignored.
+        const uint32_t junk = static_cast<uint32_t>(gen()) & 0x00F000F0u;
+        const uint32_t b = e2m1_bf16x2(static_cast<uint32_t>(c0) | (static_cast<uint32_t>(c1) << 16) | junk);
+        const int cs[2] = {c0, c1};
+        for (int h = 0; h < 2; ++h) {
+          const uint16_t bits = static_cast<uint16_t>(b >> (16 * h));
+          const int c = cs[h];
+          if (e == 0)
+            CHECK(bf16_to_float(bits) * two126 == 0.5f * static_cast<float>(kvalues[c]) && ((bits >> 15) == (c >> 3)),
+                  "code %d: bf16 %#06x is not its E2M1 value x 2^-126\n", c, bits);
+          const uint16_t want = float_to_bf16(mul_rn(static_cast<float>(kvalues[c]), e8m0_half(static_cast<uint8_t>(e))));
+          const uint16_t one = bf16_mul_rn(bits, static_cast<uint16_t>(s.s1));
+          const uint16_t two = bf16_mul_rn(one, static_cast<uint16_t>(s.s2));
+          auto same = [&](uint16_t got) { return got == want || (c == 8 && want == 0 && got == 0x8000); };
+          if (e <= 128) CHECK(same(one), "e=%d code %d: one product %#06x, want %#06x\n", e, c, one, want);
+          CHECK(same(two), "e=%d code %d: two products %#06x, want %#06x\n", e, c, two, want);
+        }
+      }
+    }
+  }
+  // Group by group, the pairs hold mxfp4_group8's elements in order.
+  for (int trial = 0; trial < 2000; ++trial) {
+    uint32_t q[4];
+    for (auto& w : q) w = static_cast<uint32_t>(gen());
+    for (int g = 0; g < 4; ++g) {
+      const uint64_t k8 = mxfp4_group8(q, g);
+      const Bf16x2x4 v = mxfp4_bf16_group8(q, g);
+      for (int t = 0; t < 8; ++t) {
+        const auto kv = static_cast<int8_t>((k8 >> (8 * t)) & 0xFF);
+        const float got = bf16_to_float(static_cast<uint16_t>(v.v[t / 2] >> (16 * (t & 1)))) * two126;
+        CHECK(got == 0.5f * static_cast<float>(kv), "group %d element %d: %g, want %g\n", g, t, got, 0.5f * kv);
+      }
+    }
+  }
+}
+
 // The grouped GEMMs' rasterization (csrc/cuda/raster.h) visits every (M tile, N tile) exactly
 // once, and walks `group` M tiles across every N tile before the next group.
 void test_raster(std::mt19937_64&) {
@@ -550,6 +608,7 @@ int main() {
       {"mxfp4_trait", test_mxfp4_trait},
       {"mxfp4_gemv_lanes", test_mxfp4_gemv_lanes},
       {"mxfp4_gemv_rows", test_mxfp4_gemv_rows},
+      {"mxfp4_bf16", test_mxfp4_bf16},
       {"raster", test_raster},
       {"q8_1", test_q8_1},
       {"moe_forward_cpu", test_moe_forward_cpu},
