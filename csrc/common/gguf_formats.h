@@ -226,10 +226,11 @@ struct Format<GGMLType::MXFP4> {
   static constexpr GGMLType type = GGMLType::MXFP4;
   static constexpr int QK = QK_MXFP4, SUB = 32;
   static constexpr bool HAS_MIN = false;
-  // 17-byte blocks: no alignment beyond a byte.
-  static JM_HD uint64_t quant8(const Block& b, int i0) {
-    return e2m1_bytes((load8<1>(b.qs + (i0 & 15)) >> ((i0 & 16) ? 4 : 0)) & bytes8(0xF));
+  // 17-byte blocks: no alignment beyond a byte. The E2M1 codes of elements i0 .. i0+7, one per byte.
+  static JM_HD uint64_t codes8(const Block& b, int i0) {
+    return (load8<1>(b.qs + (i0 & 15)) >> ((i0 & 16) ? 4 : 0)) & bytes8(0xF);
   }
+  static JM_HD uint64_t quant8(const Block& b, int i0) { return e2m1_bytes(codes8(b, i0)); }
   static JM_HD void scale_min(const Block& b, int, float& a, float& m) {
     a = e8m0_half(b.e);
     m = 0.0f;
@@ -297,15 +298,19 @@ JM_HD uint64_t mxfp4_group8(const uint32_t (&q)[4], int g) {
 // times 2^-126, its own subnormals (0 and 0.5) bf16's subnormals. Code 8 gives -0 (ggml: +0).
 JM_HD uint32_t e2m1_bf16x2(uint32_t q) { return ((q << 6) | (q << 12)) & 0x81C081C0u; }
 
-// Group g (0..3) of a block's quant words q (mxfp4_group8's elements 8g .. 8g + 7) as four bf16
-// pairs (elements 2i, 2i + 1 in pair i, the first in the low half) of the E2M1 values x 2^-126:
-// each quant word's bytes 0 and 1 (2 and 3) spread to bytes 0 and 2 by one byte permute.
+// Eight E2M1 codes, one in the low nibble of each byte of a (elements 0-3) and b (4-7), as four
+// bf16 pairs (elements 2i, 2i + 1 in pair i, the first in the low half) of the values x 2^-126:
+// bytes 0 and 1 (2 and 3) of a word spread to bytes 0 and 2 by one byte permute.
 struct Bf16x2x4 { uint32_t v[4]; };
-JM_HD Bf16x2x4 mxfp4_bf16_group8(const uint32_t (&q)[4], int g) {
-  const int sh = g >= 2 ? 4 : 0;
-  const uint32_t a = q[2 * (g & 1)] >> sh, b = q[2 * (g & 1) + 1] >> sh;
+JM_HD Bf16x2x4 e2m1_bf16x8(uint32_t a, uint32_t b) {
   return {{e2m1_bf16x2(byte_perm(a, 0, 0x4140u)), e2m1_bf16x2(byte_perm(a, 0, 0x4342u)),
            e2m1_bf16x2(byte_perm(b, 0, 0x4140u)), e2m1_bf16x2(byte_perm(b, 0, 0x4342u))}};
+}
+
+// Group g (0..3) of a block's quant words q (mxfp4_group8's elements 8g .. 8g + 7), as e2m1_bf16x8.
+JM_HD Bf16x2x4 mxfp4_bf16_group8(const uint32_t (&q)[4], int g) {
+  const int sh = g >= 2 ? 4 : 0;
+  return e2m1_bf16x8(q[2 * (g & 1)] >> sh, q[2 * (g & 1) + 1] >> sh);
 }
 
 // The bf16 pair factors that take mxfp4_bf16_group8's values to ggml's kvalue x e8m0_half(e) =

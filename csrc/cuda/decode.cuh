@@ -45,6 +45,24 @@ __device__ __forceinline__ uint4 decode_quants8(uint64_t q, float a, float m) {
   return make_uint4(round2<D>(v[0], v[1]), round2<D>(v[2], v[3]), round2<D>(v[4], v[5]), round2<D>(v[6], v[7]));
 }
 
+// Eight MXFP4 values for bf16 activations: e2m1_bf16x8's pairs (E2M1 x 2^-126) times the block's
+// mxfp4_bf16_scale factors, each product the ggml value kvalue x e8m0_half(e) rounded once to bf16
+// (gguf_formats.h; tests/cpp mxfp4_bf16): s1 alone where e <= 128, s1 then s2 where TWO.
+__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+  const __nv_bfloat162 r =
+      __hmul2_rn(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+template <bool TWO>
+__device__ __forceinline__ uint4 mxfp4_bf16_scaled(Bf16x2x4 v, Mxfp4Bf16Scale s) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v.v[i] = mul_bf16x2(v.v[i], s.s1);
+    if constexpr (TWO) v.v[i] = mul_bf16x2(v.v[i], s.s2);  // s2 = 1 where e <= 128
+  }
+  return make_uint4(v.v[0], v.v[1], v.v[2], v.v[3]);
+}
+
 // Elements i0 .. i0+7 (i0 % 8 == 0, inside one sub-block with scale a and min m) of block b,
 // decoded and rounded once to D.
 template <class F, DType D>

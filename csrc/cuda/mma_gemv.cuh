@@ -268,22 +268,10 @@ struct Mxfp4Tile {
     const Mxfp4Lane l = lane(r);
     return l.ea > 128 || l.eb > 128;
   }
-  static __device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
-    const __nv_bfloat162 r = __hmul2_rn(*reinterpret_cast<const __nv_bfloat162*>(&a),
-                                        *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
   template <int G>
   static __device__ __forceinline__ uint4 group(const Raw&, Prep& p) {
     if constexpr (BF16) {
-      Bf16x2x4 v = mxfp4_bf16_group8(G < 4 ? p.l.qa : p.l.qb, G & 3);
-      const Mxfp4Bf16Scale s = G < 4 ? p.sa : p.sb;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        v.v[i] = mul_bf16x2(v.v[i], s.s1);
-        if constexpr (RARE) v.v[i] = mul_bf16x2(v.v[i], s.s2);  // s2 = 1 where e <= 128
-      }
-      return make_uint4(v.v[0], v.v[1], v.v[2], v.v[3]);
+      return mxfp4_bf16_scaled<RARE>(mxfp4_bf16_group8(G < 4 ? p.l.qa : p.l.qb, G & 3), G < 4 ? p.sa : p.sb);
     } else {
       return decode_quants8<F, D>(mxfp4_group8(G < 4 ? p.l.qa : p.l.qb, G & 3), G < 4 ? p.a0 : p.a1, 0.0f);
     }

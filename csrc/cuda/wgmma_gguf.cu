@@ -206,19 +206,36 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
       const uint8_t* chunk = wr + s * (kSuper / F::QK) * C::BB;
       const uint8_t* mine = raw_gen + (s % C::RAW_STAGES) * C::RAW_BYTES + wrow * C::RAW_ROW +
                             (reinterpret_cast<uintptr_t>(chunk) & 15);
+      // MXFP4 with bf16 activations: the E2M1 codes straight to bf16 and one bf16 product by the
+      // block's scale (two past e = 128), as the tensor-core GEMV (decode.cuh mxfp4_bf16_scaled).
+      constexpr bool kMxfp4Bf16 = F::type == GGMLType::MXFP4 && D == DType::BF16;
       float sc[NSUB], mn[NSUB];
+      uint8_t ex[NSUB];
       uint64_t q[C::DP];
 #pragma unroll
       for (int g = 0; g < NSUB; ++g) {
         const int kc = kc0 + g * F::SUB;
         const auto& blk = *reinterpret_cast<const Block*>(mine + (kc / F::QK) * C::BB);
-        scale_min_nb<F>(blk, (kc % F::QK) / F::SUB, sc[g], mn[g]);
+        if constexpr (kMxfp4Bf16) {
+          ex[g] = blk.e;
 #pragma unroll
-        for (int p = 0; p < PPS; ++p) q[g * PPS + p] = F::quant8(blk, kc % F::QK + 8 * p);
+          for (int p = 0; p < PPS; ++p) q[g * PPS + p] = F::codes8(blk, kc % F::QK + 8 * p);
+        } else {
+          scale_min_nb<F>(blk, (kc % F::QK) / F::SUB, sc[g], mn[g]);
+#pragma unroll
+          for (int p = 0; p < PPS; ++p) q[g * PPS + p] = F::quant8(blk, kc % F::QK + 8 * p);
+        }
       }
 #pragma unroll
       for (int p = 0; p < C::DP; ++p) {
-        const uint4 v = decode_quants8<F, D>(q[p], sc[p / PPS], mn[p / PPS]);
+        uint4 v;
+        if constexpr (kMxfp4Bf16) {
+          const uint8_t e = ex[p / PPS];
+          const Bf16x2x4 b = e2m1_bf16x8(static_cast<uint32_t>(q[p]), static_cast<uint32_t>(q[p] >> 32));
+          v = e > 128 ? mxfp4_bf16_scaled<true>(b, mxfp4_bf16_scale(e)) : mxfp4_bf16_scaled<false>(b, mxfp4_bf16_scale(e));
+        } else {
+          v = decode_quants8<F, D>(q[p], sc[p / PPS], mn[p / PPS]);
+        }
         const bool live = row_in && k_first + 8 * p < a.K;
         *reinterpret_cast<uint4*>(bt + swizzled(wrow, half * C::DP + p)) = live ? v : make_uint4(0, 0, 0, 0);
       }
