@@ -135,13 +135,21 @@ def test_mxfp4_mma_gemv_partial_chunk_columns(rng):
             np.testing.assert_array_equal(out, want, err_msg=f"K {K} column {i}")
 
 
-def test_mxfp4_mma_gemv_every_scale_byte(rng):
-    """Every E8M0 scale byte through the bf16 GEMV's MXFP4 decode (mma_gemv.cuh: E2M1 bits placed in
-    bf16's, then one bf16 product by 2^(e - 1), or a second by 2^(e - 128) in the chunks where a
-    lane's block has e > 128): x a unit vector e_i, the f32 output is exactly the gguf-py decode of
-    column i rounded once to bf16. Chunk 0 of every row holds e = 0..127 (the common path, with the
-    subnormal scales e < 2), chunk 1 e = 128..252 (the rare path; from 253 on 12 x 2^(e - 128)
-    overflows, and the zeros of x times it would be NaN)."""
+# (tokens per call, the plan): the GEMV, and the fused GEMM's three tiles (64, 128 and 256 rows).
+EVERY_SCALE_PLANS = [(1, "mma_gemv"), (32, "grouped_wgmma_gguf 64x128"), (128, "grouped_wgmma_gguf 128x128"),
+                     (256, "grouped_wgmma_gguf 256x128")]
+
+
+@pytest.mark.parametrize("T,path", EVERY_SCALE_PLANS)
+def test_mxfp4_every_scale_byte(rng, T, path):
+    """Every E8M0 scale byte through the bf16 MXFP4 decode of the tensor-core GEMV and of the fused
+    GEMM (E2M1 bits placed in bf16's, then one bf16 product by 2^(e - 1), or a second by
+    2^(e - 128) where e > 128: mma_gemv.cuh's rare chunks, wgmma_gguf.cu's per-block select). Each
+    token is a unit vector e_i (one per call for the GEMV; T per call, the 32 columns in turn, for
+    the GEMM), so the f32 output is exactly the gguf-py decode of column i rounded once to bf16.
+    Chunk 0 of every row holds e = 0..127 (the common path, with the subnormal scales e < 2), chunk
+    1 e = 128..252 (the rare path; from 253 on 12 x 2^(e - 128) overflows, and the zeros of x times
+    it would be NaN)."""
     N, K = 16, 512
     case = make_case(rng, kind=MoeKind.WMMA_GGUF, fmt="MXFP4", dtype="bfloat16", reduce=False, T=1, k=1, E=1,
                      N=N, K=K, invalid_ids=False, with_scores=False)
@@ -152,16 +160,18 @@ def test_mxfp4_mma_gemv_every_scale_byte(rng):
     data = data.reshape(1, N, -1)
     w = type(case.w)(jnp.asarray(data), "MXFP4", (1, N, K))
     dec = gguf_decode(data, "MXFP4", K)[0]
-    for b in range(K // 32):
-        for i in (32 * b + int(rng.integers(0, 16)), 32 * b + 16 + int(rng.integers(0, 16))):
-            x = np.zeros((1, K), np.float32)
-            x[0, i] = 1.0
-            unit = Case(jnp.asarray(x, jnp.bfloat16), case.ids, w, None, case.ref, "float32")
-            assert _plan(MoeKind.WMMA_GGUF, unit, False) == "mma_gemv"
-            out = np.asarray(gpu_run(unit, reduce=False)).reshape(-1)
-            want = dec[:, i].astype(ml_dtypes.bfloat16).astype(np.float32)
-            # Equal values (a decoded -0 comes out +0: the f32 sum starts at +0).
-            np.testing.assert_array_equal(out, want, err_msg=f"column {i} (block {b})")
+    cols = [32 * b + 16 * h + int(rng.integers(0, 16)) for b in range(K // 32) for h in range(2)]
+    calls = [[i] for i in cols] if T == 1 else [[cols[t % len(cols)] for t in range(T)]]
+    for group in calls:
+        x = np.zeros((len(group), K), np.float32)
+        x[np.arange(len(group)), group] = 1.0
+        ids = jnp.zeros((len(group), 1), jnp.int32)
+        unit = Case(jnp.asarray(x, jnp.bfloat16), ids, w, None, case.ref, "float32")
+        assert _plan(MoeKind.WMMA_GGUF, unit, False) == path
+        out = np.asarray(gpu_run(unit, reduce=False)).reshape(len(group), N)
+        want = dec[:, group].T.astype(ml_dtypes.bfloat16).astype(np.float32)
+        # Equal values (a decoded -0 comes out +0: the f32 sum starts at +0).
+        np.testing.assert_array_equal(out, want, err_msg=f"{path}, columns {group}")
 
 
 # Up to 1024 pairs (Qwen3 up to T = 128): past 768 the partial dots take over the default 48 KiB of
