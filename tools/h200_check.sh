@@ -4,7 +4,7 @@
 #   bash tools/h200_check.sh [tests|sanitize|all] [pytest -k expression for the sanitizer runs]
 #   bash tools/h200_check.sh bench "[bench_moe.py arguments]"
 #   ONLY=qwen3/gate_up/1/,mixtral/gate_up/1/ bash tools/h200_check.sh decode-ncu   (ncu of the decode rows,
-#     one process per part: tools/profile_decode.py)
+#     one process per part: tools/profile_decode.py; TS=64,4096 for bench_moe.py's rows at other T)
 #   bash tools/h200_check.sh small "[bench_moe.py arguments]"   (the decode-time kernels: their GPU
 #     tests, ncu of the GEMV kernels with both Q4_K roundings, then the benchmark rows)
 set -u
@@ -74,7 +74,7 @@ if [ "$MODE" = decode-ncu ]; then
     timeout ${NCU_S:-400} ncu --clock-control none --csv --page details --log-file "$d/decode_ncu.csv" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --metrics "$(python3 tools/profile_decode.py metrics)" --kernel-name regex:"token_gemv|mma_gemv|grouped_w" \
-      python3 tools/profile_decode.py run "$d/decode_rows.json" --only "$part" > "$d/decode_run.log" 2>&1
+      python3 tools/profile_decode.py run "$d/decode_rows.json" --only "$part" ${TS:+--ts "$TS"} > "$d/decode_run.log" 2>&1
     python3 tools/profile_decode.py table "$d/decode_ncu.csv" "$d/decode_rows.json" > "$d/decode_ncu.md" \
       || echo "decode-ncu: no table for $part (see $d/decode_run.log)"
   done

@@ -44,9 +44,11 @@ def launched(plan: str, kernel_name: str) -> bool:
     return any(re.search(rf"\b{k}\b", kernel_name) for k in kernels_of(plan))
 
 
-def run(out_path: str, only: str) -> None:
+def run(out_path: str, only: str, ts: tuple[int, ...] | None = None) -> None:
     """Each decode row's call CALLS times (nothing else launches a kernel matching KERNEL_RE);
-    the rows, in launch order, with their plan and floor, to out_path."""
+    the rows, in launch order, with their plan and floor, to out_path. ts: bench_moe.py's rows at
+    these T instead of the decode T (1, 2, 4, 8); the floor is then the larger of the routed bytes
+    at 4.3 TB/s and the flops at 790 TFLOP/s, as bench_moe.py's."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import bench_moe as bm  # noqa: E402  (sets XLA_FLAGS before jax initializes)
     import jax
@@ -56,12 +58,13 @@ def run(out_path: str, only: str) -> None:
     from jax_moe import MoeKind, moe_matmul
     from jax_moe import _ext
 
+    ts = tuple(ts) if ts else bm.DECODE_TS
     rng = np.random.default_rng()
     key = jax.random.PRNGKey(int(rng.integers(1 << 31)))
     rows = []
     for i, (model, proj, T, kind, fmt, _) in enumerate(bm.plan(False)):
         tag = f"{model}/{proj}/{T}/{kind.name}/{fmt}"
-        if T not in bm.DECODE_TS or (only and not any(s in tag for s in only.split(","))):
+        if T not in ts or (only and not any(s in tag for s in only.split(","))):
             continue
         sh = bm.SHAPES[(model, proj)]
         E, k, K, N, per_pair = sh["E"], sh["k"], sh["K"], sh["N"], sh["per_pair"]
@@ -78,7 +81,8 @@ def run(out_path: str, only: str) -> None:
         f = jax.jit(lambda x, ids, w, s: moe_matmul(x, ids, w, scores=s, kind=kind, reduce=per_pair))
         for _ in range(CALLS):
             f(x, jnp.asarray(ids), w, scores).block_until_ready()
-        floor_us = len(np.unique(ids)) * bm.expert_bytes(fmt, N, K) / (bm.HBM_TBS * 1e12) * 1e6
+        floor_us = max(len(np.unique(ids)) * bm.expert_bytes(fmt, N, K) / (bm.HBM_TBS * 1e12),
+                       2.0 * T * k * N * K / (bm.BF16_TFLOPS * 1e12)) * 1e6
         rows.append(dict(tag=tag, plan=plan, floor_us=floor_us))
         print(f"{tag}: {plan}", file=sys.stderr, flush=True)
     with open(out_path, "w") as fh:
@@ -147,6 +151,7 @@ def main() -> None:
     r = sub.add_parser("run", help="the workload (under ncu)")
     r.add_argument("rows")
     r.add_argument("--only", default="", help="substring filter on 'model/proj/T/kind/fmt'")
+    r.add_argument("--ts", default="", help="comma-separated T of bench_moe.py's rows (default: 1,2,4,8)")
     t = sub.add_parser("table", help="the markdown table from ncu's CSV and the rows")
     t.add_argument("ncu_csv")
     t.add_argument("rows")
@@ -155,7 +160,7 @@ def main() -> None:
     if opts.cmd == "metrics":
         print(",".join(STALL_METRIC.format(r) for r in STALLS))
     elif opts.cmd == "run":
-        run(opts.rows, opts.only)
+        run(opts.rows, opts.only, tuple(int(t) for t in opts.ts.split(",")) if opts.ts else None)
     else:
         with open(opts.ncu_csv) as fh, open(opts.rows) as fr:
             sys.stdout.write(table(fh.read(), json.load(fr)))
