@@ -7,13 +7,14 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 from jax_moe import InferenceOnlyError, MoeKind, QuantizedExperts, moe_matmul, quantize
 
 from cases import check, make_case
-from reference import FORMATS, gguf_decode
+from reference import FORMATS, gguf_decode, random_blocks
 
 RANKS = (2, 3)
 REDUCE = (True, False)
@@ -300,3 +301,30 @@ def test_scalar_gguf_keeps_mxfp4_overflow_non_finite(rng, x_scale):
     out = np.asarray(moe_matmul(jnp.asarray(x), jnp.zeros((1, 1), jnp.int32), w, reduce=False))
     assert out.shape == (1, 1, 1) and not np.isfinite(out).any(), out
     assert np.isnan(out).all() == np.isnan(ref), (out, ref)
+
+
+def test_subnormal_values_are_kept(rng):
+    """The CPU kernels keep IEEE f32 although XLA's CPU threads flush subnormals (FTZ/DAZ): MXFP4
+    blocks with the scale bytes e = 0..7 (scales 2^-128 .. 2^-121: subnormal scales and products)
+    and a dense bf16 expert of subnormal values, read through unit-vector tokens, come out exactly
+    as gguf-py's decode (rounded once to bf16) and as the weights, as on the GPU."""
+    N, K = 16, 256
+    data = random_blocks(rng, "MXFP4", (1, N, K // 32)).reshape(1, N, K // 32, 17)
+    row, blk = np.meshgrid(np.arange(N), np.arange(K // 32), indexing="ij")
+    data[..., 0] = ((row + blk) % 8).astype(np.uint8)
+    data = data.reshape(1, N, -1)
+    dec = gguf_decode(data, "MXFP4", K)[0]
+    assert np.any((dec != 0) & (np.abs(dec) < np.finfo(np.float32).tiny))  # subnormal values present
+    bits = rng.integers(1, 128, (1, N, K), dtype=np.uint16) | (rng.integers(0, 2, (1, N, K), dtype=np.uint16) << 15)
+    dense = bits.view(ml_dtypes.bfloat16)  # every value a bf16 subnormal
+    cols = rng.permutation(K)[:64]
+    x = np.zeros((64, K), np.float32)
+    x[np.arange(64), cols] = 1.0
+    ids = jnp.zeros((64, 1), jnp.int32)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = moe_matmul(xb, ids, QuantizedExperts(jnp.asarray(data), "MXFP4", (1, N, K)), kind=MoeKind.WMMA_GGUF,
+                     reduce=False, out_dtype=jnp.float32)
+    want = dec[:, cols].T.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(got).reshape(64, N), want)
+    got = moe_matmul(xb, ids, jnp.asarray(dense), kind=MoeKind.WMMA, reduce=False, out_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got).reshape(64, N), dense[0][:, cols].T.astype(np.float32))

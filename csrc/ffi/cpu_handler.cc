@@ -4,6 +4,7 @@
 #include <exception>
 #include <string>
 
+#include "../cpu/fp_env.h"
 #include "../cpu/moe_cpu.h"
 #include "validate.h"
 
@@ -18,6 +19,7 @@ static ffi::Error MoeMatmulCpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::An
     return err;
   const MoeBuffers b = buffers_of(x, ids, w, scores, *out);
   try {
+    const IeeeFloatScope ieee;  // XLA's threads flush subnormals; the contract's f32 does not
     moe_forward_cpu(p, b);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("jax_moe.moe_matmul (cpu): ") + e.what());
