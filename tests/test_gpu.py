@@ -129,13 +129,10 @@ def current_plan(kind: MoeKind, case, reduce: bool) -> str:
 
 # The fused GGUF GEMM's edges: each of its tiles (T=80 over E=8 -> 20 pairs per expert, 64x128;
 # T=300 and 700 over E=2 -> 300 and 700 pairs per expert, 256x128 with 2 and 3 M tiles, the last
-# partial, where the format's raw stages fit it (plan.h gguf_tall_fits), else 128x128 with 3 and 6),
+# partial, Q6_K and Q8_0 with 3 x stages: plan.h gguf_tall_x_stages),
 # K = 544 (two raw stages of 256 plus 32: a partial raw stage and a last K step of 32 for the
 # 32-element formats), N = 200 (a partial N tile), rows whose bytes start off 16-byte boundaries
 # (Q8_0 578 and MXFP4 289 bytes per row).
-TALL_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "MXFP4")
-
-
 @pytest.mark.parametrize("T,E", [(80, 8), (300, 2), (700, 2)])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype,reduce,x_rank", [("bfloat16", True, 2), ("float16", False, 3), ("bfloat16", False, 2)])
@@ -145,7 +142,7 @@ def test_gguf_fused_gemm_edges_gpu(rng, T, E, fmt, dtype, reduce, x_rank):
                      T=T, k=2, E=E, N=200, K=K)
     plan = current_plan(MoeKind.WMMA_GGUF, case, reduce)
     if jax.devices("cuda")[0].compute_capability == "9.0":
-        tile = "64x128" if T == 80 else "256x128" if fmt in TALL_FORMATS else "128x128"
+        tile = "64x128" if T == 80 else "256x128"
         assert plan == f"grouped_wgmma_gguf {tile}", plan
     else:
         assert plan.startswith("grouped_wmma"), plan

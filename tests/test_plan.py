@@ -44,15 +44,13 @@ def test_hopper_runs_wgmma_and_decodes_gguf_inside_the_gemm():
     assert plan(MoeKind.WMMA, BF16, 64, device="hopper", **MIXTRAL) == "grouped_wgmma 64x256"
     assert plan(MoeKind.WMMA_GGUF, Q4_K, 80, device="hopper", **MIXTRAL) == "grouped_wgmma_gguf 64x128"
     assert plan(MoeKind.WMMA_GGUF, Q4_K, 512, device="hopper", **MIXTRAL) == "grouped_wgmma_gguf 128x128"
-    # From 256 pairs per expert the 256-row tile (each weight decoded once per 256 pairs), where
-    # the format's two raw stages fit beside it; Q6_K and Q8_0 keep the 128-row tile.
+    # From 256 pairs per expert the 256-row tile (each weight decoded once per 256 pairs), for every
+    # format (Q6_K and Q8_0 with 3 x stages, their raw stages being larger).
     assert plan(MoeKind.WMMA_GGUF, Q4_K, 4096, device="hopper", **MIXTRAL) == "grouped_wgmma_gguf 256x128"
     assert plan(MoeKind.WMMA_GGUF, Q4_K, 4096, device="hopper", **QWEN3) == "grouped_wgmma_gguf 256x128"
     assert plan(MoeKind.WMMA_GGUF, Q4_K, 4095, device="hopper", **QWEN3) == "grouped_wgmma_gguf 128x128"
-    for name in ("Q2_K", "Q3_K", "Q5_K", "MXFP4"):
+    for name in ("Q2_K", "Q3_K", "Q5_K", "Q6_K", "Q8_0", "MXFP4"):
         assert plan(MoeKind.WMMA_GGUF, int(GGMLType[name]), 4096, device="hopper", **MIXTRAL) == "grouped_wgmma_gguf 256x128"
-    for name in ("Q6_K", "Q8_0"):
-        assert plan(MoeKind.WMMA_GGUF, int(GGMLType[name]), 4096, device="hopper", **MIXTRAL) == "grouped_wgmma_gguf 128x128"
     # Few blocks of 64 x 256: the 64 x 128 tile keeps every SM busy.
     assert plan(MoeKind.WMMA, BF16, 16, device="hopper", E=16, k=2, N=512, K=1024) == "grouped_wgmma 64x128"
     # [E, K, N] weights have no wgmma kernel: the portable WMMA GEMM, at every T.

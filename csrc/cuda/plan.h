@@ -86,15 +86,21 @@ constexpr int gguf_raw_row_bytes(int block_bytes, int block_elems) {
                     : block_bytes % 2 == 0 ? 2 : 1;
   return (chunk + (16 - align) + 15) / 16 * 16;
 }
-// The 256 x 128 GGUF tile (two warpgroups of 128 pairs, 4 x stages of 256 rows, 3 B tiles, at least
-// 2 raw stages of 128 rows, the epilogue's pair table) fits in Hopper's 227 KiB of shared memory:
-// Q2_K, Q3_K, Q4_K, Q5_K and MXFP4, not Q6_K and Q8_0 (whose 256 K elements take 210 and 272 bytes).
+// The 256 x 128 GGUF tile (two warpgroups of 128 pairs, x_stages x stages of 256 rows, 3 B tiles,
+// at least 2 raw stages of 128 rows, the epilogue's pair table) in Hopper's 227 KiB of shared
+// memory. With 4 x stages (copies two K steps ahead) it fits Q2_K, Q3_K, Q4_K, Q5_K and MXFP4; Q6_K
+// and Q8_0 (whose 256 K elements take 210 and 272 bytes) fit with 3 (copies one step ahead), and
+// run it so: their decode, not their x copies, bounds the 128-row tile (benchmarks/NOTES.md, v34).
 constexpr int kHopperSmemBytes = 227 * 1024;
-constexpr int gguf_tall_smem_bytes(int block_bytes, int block_elems) {
-  return 4 * 256 * 128 + 3 * 128 * 128 + 2 * 128 * gguf_raw_row_bytes(block_bytes, block_elems) + 1024 + 256 * 12;
+constexpr int gguf_tall_smem_bytes(int block_bytes, int block_elems, int x_stages) {
+  return x_stages * 256 * 128 + 3 * 128 * 128 + 2 * 128 * gguf_raw_row_bytes(block_bytes, block_elems) + 1024 +
+         256 * 12;
+}
+constexpr int gguf_tall_x_stages(GGMLType t) {
+  return gguf_tall_smem_bytes(block_bytes(t), block_elems(t), 4) <= kHopperSmemBytes ? 4 : 3;
 }
 constexpr bool gguf_tall_fits(GGMLType t) {
-  return is_quantized(t) && gguf_tall_smem_bytes(block_bytes(t), block_elems(t)) <= kHopperSmemBytes;
+  return is_quantized(t) && gguf_tall_smem_bytes(block_bytes(t), block_elems(t), 3) <= kHopperSmemBytes;
 }
 
 // Tile choices of the Hopper kernels.

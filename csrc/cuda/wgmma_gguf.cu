@@ -39,7 +39,8 @@ constexpr int kStepsPerSuper = kSuper / BK;  // K steps per raw stage
 
 // MMA_WG warpgroups, each holding MI m64 x 128 accumulator blocks (MI = 2: the 256-row tile, whose
 // decoded B tile serves twice the pairs of the 128-row one).
-template <class F, int MMA_WG_, int MI_, int RAW_STAGES_, int RAW_LEAD_>
+// AHEAD_: the K steps of x copies in flight, 0 for the tile's default (below).
+template <class F, int MMA_WG_, int MI_, int RAW_STAGES_, int RAW_LEAD_, int AHEAD_ = 0>
 struct GgufTile {
   using Block = typename F::Block;
   static constexpr int MMA_WG = MMA_WG_, MI = MI_, BM = 64 * MMA_WG_ * MI_, BN = 128, THREADS = 128 * MMA_WG_;
@@ -48,8 +49,9 @@ struct GgufTile {
   // 3 B tiles (last read by wgmma j - 2, which the block-wide barrier of step j - 1 follows).
   static constexpr int MIN_BLOCKS = MMA_WG == 1 ? 2 : 1;
   static constexpr int B_TILES = MMA_WG == 1 ? 2 : 3;
-  // K steps whose copies are in flight (the 256-row tile: one less, for its 32 KiB x stages).
-  static constexpr int AHEAD = MMA_WG == 1 ? 2 : MI == 1 ? 3 : 2;
+  // K steps whose copies are in flight (the 256-row tile: one less, for its 32 KiB x stages; one
+  // for Q6_K and Q8_0, whose larger raw stages leave room for 3 x stages only: plan.h).
+  static constexpr int AHEAD = AHEAD_ > 0 ? AHEAD_ : MMA_WG == 1 ? 2 : MI == 1 ? 3 : 2;
   static constexpr int A_STAGES = AHEAD + 2;         // the slot step j + AHEAD fills was last read by wgmma j - 2
   // Raw stages, and how many K steps earlier than its first step's x pieces a super-step's raw
   // bytes are copied: the copy of super-step s (at loop iteration 4s - RAW_LEAD - AHEAD) must come
@@ -77,7 +79,7 @@ struct GgufTile {
   static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzle atoms stay 1024-aligned");
   static_assert(BM * (BN + 8) * 4 <= A_STAGES * A_BYTES + B_TILES * B_BYTES, "the epilogue's staging fits");
   // plan.h decides where the 256-row tile runs from its own count of these bytes.
-  static_assert(MI == 1 || MMA_WG != 2 || RAW_STAGES != 2 || SMEM + STATIC_SMEM == gguf_tall_smem_bytes(BB, F::QK),
+  static_assert(MI == 1 || MMA_WG != 2 || RAW_STAGES != 2 || SMEM + STATIC_SMEM == gguf_tall_smem_bytes(BB, F::QK, A_STAGES),
                 "plan.h's gguf_tall_smem_bytes counts this tile's shared memory");
 };
 
@@ -300,20 +302,25 @@ std::string launch_tile(const MoeProblem& p, const GemmArgs& a, cudaStream_t str
 }
 
 // The fixed part of a tile's pipeline (AHEAD), before its raw ring is chosen.
-template <class F, int MMA_WG, int MI>
-using Tile0 = GgufTile<F, MMA_WG, MI, 2, 0>;
+template <class F, int MMA_WG, int MI, int AH = 0>
+using Tile0 = GgufTile<F, MMA_WG, MI, 2, 0, AH>;
 
 // The deepest raw ring that fits one block per SM (2 to 4 stages), with the longest lead it allows.
-template <class F, int MMA_WG, int MI, int RS = 4>
+template <class F, int MMA_WG, int MI, int AH = 0, int RS = 4>
 struct Deepest {
-  using Tile = GgufTile<F, MMA_WG, MI, RS, 4 * RS - Tile0<F, MMA_WG, MI>::AHEAD - 3>;
+  using Tile = GgufTile<F, MMA_WG, MI, RS, 4 * RS - Tile0<F, MMA_WG, MI, AH>::AHEAD - 3, AH>;
   using type = typename std::conditional<(Tile::SMEM + Tile::STATIC_SMEM <= kHopperSmemBytes || RS == 2), Tile,
-                                         typename Deepest<F, MMA_WG, MI, (RS > 2 ? RS - 1 : 2)>::type>::type;
+                                         typename Deepest<F, MMA_WG, MI, AH, (RS > 2 ? RS - 1 : 2)>::type>::type;
 };
-template <class F, int MMA_WG, int MI>
-struct Deepest<F, MMA_WG, MI, 2> {
-  using type = GgufTile<F, MMA_WG, MI, 2, 4 * 2 - Tile0<F, MMA_WG, MI>::AHEAD - 3>;
+template <class F, int MMA_WG, int MI, int AH>
+struct Deepest<F, MMA_WG, MI, AH, 2> {
+  using type = GgufTile<F, MMA_WG, MI, 2, 4 * 2 - Tile0<F, MMA_WG, MI, AH>::AHEAD - 3, AH>;
 };
+
+// The 256-row tile: x copies two steps ahead where the format's raw stages leave room for 4 x
+// stages, else one (plan.h gguf_tall_x_stages).
+template <class F>
+using Tall = typename Deepest<F, 2, 2, gguf_tall_x_stages(F::type) - 2>::type;
 
 // The 64-row tile: two blocks per SM with 2 raw stages where the format allows it, else the
 // deepest ring of one block per SM.
@@ -334,8 +341,8 @@ std::string launch_for_dtype(const MoeProblem& p, const GemmArgs& a, GemmTile ti
     } else if (tile == GemmTile::kGguf128x128) {
       err = launch_tile<F, D, typename Deepest<F, 2, 1>::type>(p, a, stream);
     } else if (tile == GemmTile::kGguf256x128) {
-      if constexpr (gguf_tall_fits(F::type))  // plan.h: the formats whose two raw stages fit beside it
-        err = launch_tile<F, D, typename Deepest<F, 2, 2>::type>(p, a, stream);
+      if constexpr (gguf_tall_fits(F::type))  // plan.h: every format, Q6_K and Q8_0 with 3 x stages
+        err = launch_tile<F, D, Tall<F>>(p, a, stream);
     }
   });
   if (!known) return "internal: grouped_wgmma_gguf_kernel has no GGUF format " + std::to_string(static_cast<int>(p.wtype));
