@@ -323,6 +323,43 @@ JM_HD Mxfp4Bf16Scale mxfp4_bf16_scale(uint8_t e) {
   return {lo | (lo << 16), hi | (hi << 16)};
 }
 
+// The 32 bytes at the 2-byte-aligned p as eight little-endian words, from five aligned 8-byte
+// loads (a word select and a 16-bit funnel shift by the misalignment) instead of sixteen 2-byte
+// ones: the fused GEMM reads its shared-memory raw stage so. Reads up to 6 bytes before p and 8
+// past p + 32: callers keep them inside the block.
+JM_HD void words8_at2(const uint8_t* p, uint32_t (&w)[8]) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  const auto* q = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{7});
+  uint32_t v[10];
+  for (int i = 0; i < 10; i += 2) {
+    const uint64_t t = *reinterpret_cast<const uint64_t*>(q + i);
+    v[i] = static_cast<uint32_t>(t);
+    v[i + 1] = static_cast<uint32_t>(t >> 32);
+  }
+  const bool up = (a & 4) != 0;
+  const int sh = 8 * static_cast<int>(a & 2);
+  for (int i = 0; i < 8; ++i) w[i] = funnel_r(up ? v[i + 1] : v[i], up ? v[i + 2] : v[i + 1], sh);
+}
+
+// Q3_K's quants of DP pieces (elements i0 + 8p, p = 0 .. DP - 1, of one block; i0 % 32 == 0 and
+// 8 DP <= 64, so all in one half n = i0 / 128), as Format<Q3_K>::quant8 gives each: the half's 32
+// qs bytes and the block's 32 hmask bytes read once (words8_at2), then per piece the low 2 bits 2j
+// of qs[32n + l] and the high bit 4n + j of hmask[l] (l = (i0 + 8p) % 32, j = (i0 + 8p) / 32 % 4).
+template <int DP>
+JM_HD void q3k_pieces(const block_q3_K& b, int i0, uint64_t (&q)[DP]) {
+  static_assert(DP * 8 <= 64, "the pieces lie in one 128-element half");
+  const int n = i0 >> 7;
+  uint32_t qs[8], hm[8];
+  words8_at2(b.qs + 32 * n, qs);
+  words8_at2(b.hmask, hm);
+  for (int p = 0; p < DP; ++p) {
+    const int e = (i0 & 127) + 8 * p, j = e >> 5, wi = (e & 31) >> 2;
+    const uint32_t lo0 = (qs[wi] >> (2 * j)) & 0x03030303u, hi0 = (hm[wi] >> (4 * n + j)) & 0x01010101u;
+    const uint32_t lo1 = (qs[wi + 1] >> (2 * j)) & 0x03030303u, hi1 = (hm[wi + 1] >> (4 * n + j)) & 0x01010101u;
+    q[p] = offset_bytes(static_cast<uint64_t>(lo0 | (hi0 << 2)) | (static_cast<uint64_t>(lo1 | (hi1 << 2)) << 32), 124);
+  }
+}
+
 // Decode elements i0 .. i0+7 (one aligned group inside one sub-block) given that sub-block's
 // scale and min: ggml's formula, unfused f32.
 template <class F>

@@ -342,6 +342,39 @@ void test_mxfp4_bf16(std::mt19937_64& gen) {
   }
 }
 
+// The fused GEMM's Q3_K reads (wgmma_gguf.cu decode_step: q3k_pieces through words8_at2): at every
+// 2-byte misalignment of a 110-byte block and for the thread shapes DP = 4 and 8, each piece equals
+// Format<Q3_K>::quant8, and the words read lie inside the block.
+template <int DP>
+void check_q3k_pieces(const block_q3_K& b, const char* where) {
+  using F = Format<GGMLType::Q3_K>;
+  for (int i0 = 0; i0 < QK_K; i0 += 8 * DP) {
+    uint64_t q[DP];
+    q3k_pieces<DP>(b, i0, q);
+    for (int p = 0; p < DP; ++p)
+      CHECK(q[p] == F::quant8(b, i0 + 8 * p), "%s: DP %d, piece at %d\n", where, DP, i0 + 8 * p);
+  }
+}
+
+void test_q3k_pieces(std::mt19937_64& gen) {
+  static_assert(sizeof(block_q3_K) == 110, "110-byte blocks");
+  for (int trial = 0; trial < 2000; ++trial) {
+    alignas(8) uint8_t buf[8 + 110 + 16];
+    for (auto& v : buf) v = static_cast<uint8_t>(gen());
+    const int off = 8 + 2 * (trial % 4);  // the block 0, 2, 4 or 6 bytes past an 8-byte boundary
+    const auto* b = reinterpret_cast<const block_q3_K*>(buf + off);
+    check_q3k_pieces<4>(*b, "q3k_pieces");
+    check_q3k_pieces<8>(*b, "q3k_pieces");
+    // words8_at2 reads the 8-byte words from below p to past p + 32: for hmask (the block's start)
+    // at most 6 bytes before the block, for qs (32 + 32n, n = 0, 1) at most 8 past byte 96 + 32n - 32.
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(b->hmask) & ~uintptr_t{7};
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(b->qs + 32) & ~uintptr_t{7}) + 40;
+    CHECK(reinterpret_cast<uintptr_t>(b) - lo <= 6 && hi <= reinterpret_cast<uintptr_t>(b) + 110,
+          "words8_at2 reads from %d bytes before the block to %d past its start\n",
+          static_cast<int>(reinterpret_cast<uintptr_t>(b) - lo), static_cast<int>(hi - reinterpret_cast<uintptr_t>(b)));
+  }
+}
+
 // The grouped GEMMs' rasterization (csrc/cuda/raster.h) visits every (M tile, N tile) exactly
 // once, and walks `group` M tiles across every N tile before the next group.
 void test_raster(std::mt19937_64&) {
@@ -609,6 +642,7 @@ int main() {
       {"mxfp4_gemv_lanes", test_mxfp4_gemv_lanes},
       {"mxfp4_gemv_rows", test_mxfp4_gemv_rows},
       {"mxfp4_bf16", test_mxfp4_bf16},
+      {"q3k_pieces", test_q3k_pieces},
       {"raster", test_raster},
       {"q8_1", test_q8_1},
       {"moe_forward_cpu", test_moe_forward_cpu},
