@@ -360,6 +360,31 @@ JM_HD void q3k_pieces(const block_q3_K& b, int i0, uint64_t (&q)[DP]) {
   }
 }
 
+// Q6_K's quants of DP pieces (elements i0 + 8p of one block; i0 % (8 DP) == 0 and 32 <= 8 DP <= 64,
+// 8 DP <= 64, so in one half n = i0 / 128 and quarters i0 / 32 % 4 onward), as Format<Q6_K>::quant8
+// gives each: the low nibbles' 32 ql bytes of each quarter's parity and the half's 32 qh bytes read
+// once (words8_at2), then per piece nibble (quarter & 2) of ql[64n + 32 (quarter & 1) + l] and bits
+// 2 quarter of qh[32n + l]. Reads stay inside the block but for 6 bytes before it.
+template <int DP>
+JM_HD void q6k_pieces(const block_q6_K& b, int i0, uint64_t (&q)[DP]) {
+  static_assert(DP * 8 == 32 || DP * 8 == 64, "the pieces fill one quarter, or two of one half");
+  const int n = i0 >> 7, q0 = (i0 >> 5) & 3;
+  uint32_t ql[2][8], qh[8];
+  words8_at2(b.ql + 64 * n + 32 * (q0 & 1), ql[0]);
+  if constexpr (DP * 8 > 32) words8_at2(b.ql + 64 * n + 32 * ((q0 + 1) & 1), ql[1]);
+  words8_at2(b.qh + 32 * n, qh);
+  for (int p = 0; p < DP; ++p) {
+    const int second = 8 * p >= 32 ? 1 : 0;  // a compile-time index once unrolled
+    const int quarter = q0 + second, wi = ((8 * p) & 31) >> 2;
+    const uint32_t(&lw)[8] = ql[second];
+    const int nib = (quarter & 2) ? 4 : 0;
+    auto word = [&](int k) {
+      return ((lw[k] >> nib) & 0x0F0F0F0Fu) | (((qh[k] >> (2 * quarter)) & 0x03030303u) << 4);
+    };
+    q[p] = offset_bytes(static_cast<uint64_t>(word(wi)) | (static_cast<uint64_t>(word(wi + 1)) << 32), 96);
+  }
+}
+
 // Decode elements i0 .. i0+7 (one aligned group inside one sub-block) given that sub-block's
 // scale and min: ggml's formula, unfused f32.
 template <class F>

@@ -224,15 +224,18 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
           for (int p = 0; p < PPS; ++p) q[g * PPS + p] = F::codes8(blk, kc % F::QK + 8 * p);
         } else {
           scale_min_nb<F>(blk, (kc % F::QK) / F::SUB, sc[g], mn[g]);
-          if constexpr (F::type != GGMLType::Q3_K) {
+          if constexpr (F::type != GGMLType::Q3_K && F::type != GGMLType::Q6_K) {
 #pragma unroll
             for (int p = 0; p < PPS; ++p) q[g * PPS + p] = F::quant8(blk, kc % F::QK + 8 * p);
           }
         }
       }
-      if constexpr (F::type == GGMLType::Q3_K) {  // the thread's pieces all in one block: words once
+      // Q3_K and Q6_K: the thread's pieces all lie in one block, whose bytes they need are read
+      // once as words (gguf_formats.h q3k_pieces, q6k_pieces), not as 2-byte loads per piece.
+      if constexpr (F::type == GGMLType::Q3_K || F::type == GGMLType::Q6_K) {
         const auto& blk = *reinterpret_cast<const Block*>(mine + (kc0 / F::QK) * C::BB);
-        q3k_pieces<C::DP>(blk, kc0 % F::QK, q);
+        if constexpr (F::type == GGMLType::Q3_K) q3k_pieces<C::DP>(blk, kc0 % F::QK, q);
+        else q6k_pieces<C::DP>(blk, kc0 % F::QK, q);
       }
 #pragma unroll
       for (int p = 0; p < C::DP; ++p) {

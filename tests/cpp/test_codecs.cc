@@ -342,9 +342,9 @@ void test_mxfp4_bf16(std::mt19937_64& gen) {
   }
 }
 
-// The fused GEMM's Q3_K reads (wgmma_gguf.cu decode_step: q3k_pieces through words8_at2): at every
-// 2-byte misalignment of a 110-byte block and for the thread shapes DP = 4 and 8, each piece equals
-// Format<Q3_K>::quant8, and the words read lie inside the block.
+// The fused GEMM's Q3_K and Q6_K reads (wgmma_gguf.cu decode_step: q3k_pieces, q6k_pieces through
+// words8_at2): at every 2-byte misalignment of a block and for the thread shapes DP = 4 and 8, each
+// piece equals Format<>::quant8, and the words read lie inside the block (or 6 bytes before it).
 template <int DP>
 void check_q3k_pieces(const block_q3_K& b, const char* where) {
   using F = Format<GGMLType::Q3_K>;
@@ -356,7 +356,18 @@ void check_q3k_pieces(const block_q3_K& b, const char* where) {
   }
 }
 
-void test_q3k_pieces(std::mt19937_64& gen) {
+template <int DP>
+void check_q6k_pieces(const block_q6_K& b, const char* where) {
+  using F = Format<GGMLType::Q6_K>;
+  for (int i0 = 0; i0 < QK_K; i0 += 8 * DP) {
+    uint64_t q[DP];
+    q6k_pieces<DP>(b, i0, q);
+    for (int p = 0; p < DP; ++p)
+      CHECK(q[p] == F::quant8(b, i0 + 8 * p), "%s: DP %d, piece at %d\n", where, DP, i0 + 8 * p);
+  }
+}
+
+void test_gemm_pieces(std::mt19937_64& gen) {
   static_assert(sizeof(block_q3_K) == 110, "110-byte blocks");
   for (int trial = 0; trial < 2000; ++trial) {
     alignas(8) uint8_t buf[8 + 110 + 16];
@@ -372,6 +383,19 @@ void test_q3k_pieces(std::mt19937_64& gen) {
     CHECK(reinterpret_cast<uintptr_t>(b) - lo <= 6 && hi <= reinterpret_cast<uintptr_t>(b) + 110,
           "words8_at2 reads from %d bytes before the block to %d past its start\n",
           static_cast<int>(reinterpret_cast<uintptr_t>(b) - lo), static_cast<int>(hi - reinterpret_cast<uintptr_t>(b)));
+  }
+  // Q6_K likewise (210-byte blocks): ql from byte 0 (6 bytes before it at most) to 128 + 8, qh
+  // from 128 to 200 + 8 at most.
+  static_assert(sizeof(block_q6_K) == 210, "210-byte blocks");
+  for (int trial = 0; trial < 2000; ++trial) {
+    alignas(8) uint8_t buf[8 + 210 + 16];
+    for (auto& v : buf) v = static_cast<uint8_t>(gen());
+    const auto* b = reinterpret_cast<const block_q6_K*>(buf + 8 + 2 * (trial % 4));
+    check_q6k_pieces<4>(*b, "q6k_pieces");
+    check_q6k_pieces<8>(*b, "q6k_pieces");
+    const uintptr_t at = reinterpret_cast<uintptr_t>(b);
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(b->qh + 32) & ~uintptr_t{7}) + 40;
+    CHECK(at - (at & ~uintptr_t{7}) <= 6 && hi <= at + 210, "q6k_pieces reads past the block\n");
   }
 }
 
@@ -642,7 +666,7 @@ int main() {
       {"mxfp4_gemv_lanes", test_mxfp4_gemv_lanes},
       {"mxfp4_gemv_rows", test_mxfp4_gemv_rows},
       {"mxfp4_bf16", test_mxfp4_bf16},
-      {"q3k_pieces", test_q3k_pieces},
+      {"gemm_pieces", test_gemm_pieces},
       {"raster", test_raster},
       {"q8_1", test_q8_1},
       {"moe_forward_cpu", test_moe_forward_cpu},
