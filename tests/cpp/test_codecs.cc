@@ -345,25 +345,14 @@ void test_mxfp4_bf16(std::mt19937_64& gen) {
 // The fused GEMM's Q3_K and Q6_K reads (wgmma_gguf.cu decode_step: q3k_pieces, q6k_pieces through
 // words8_at2): at every 2-byte misalignment of a block and for the thread shapes DP = 4 and 8, each
 // piece equals Format<>::quant8, and the words read lie inside the block (or 6 bytes before it).
-template <int DP>
-void check_q3k_pieces(const block_q3_K& b, const char* where) {
-  using F = Format<GGMLType::Q3_K>;
+template <GGMLType T, int DP>
+void check_gemm_pieces(const typename Format<T>::Block& b, const char* where) {
   for (int i0 = 0; i0 < QK_K; i0 += 8 * DP) {
     uint64_t q[DP];
-    q3k_pieces<DP>(b, i0, q);
+    if constexpr (T == GGMLType::Q3_K) q3k_pieces<DP>(b, i0, q);
+    else q6k_pieces<DP>(b, i0, q);
     for (int p = 0; p < DP; ++p)
-      CHECK(q[p] == F::quant8(b, i0 + 8 * p), "%s: DP %d, piece at %d\n", where, DP, i0 + 8 * p);
-  }
-}
-
-template <int DP>
-void check_q6k_pieces(const block_q6_K& b, const char* where) {
-  using F = Format<GGMLType::Q6_K>;
-  for (int i0 = 0; i0 < QK_K; i0 += 8 * DP) {
-    uint64_t q[DP];
-    q6k_pieces<DP>(b, i0, q);
-    for (int p = 0; p < DP; ++p)
-      CHECK(q[p] == F::quant8(b, i0 + 8 * p), "%s: DP %d, piece at %d\n", where, DP, i0 + 8 * p);
+      CHECK(q[p] == Format<T>::quant8(b, i0 + 8 * p), "%s: DP %d, piece at %d\n", where, DP, i0 + 8 * p);
   }
 }
 
@@ -374,8 +363,8 @@ void test_gemm_pieces(std::mt19937_64& gen) {
     for (auto& v : buf) v = static_cast<uint8_t>(gen());
     const int off = 8 + 2 * (trial % 4);  // the block 0, 2, 4 or 6 bytes past an 8-byte boundary
     const auto* b = reinterpret_cast<const block_q3_K*>(buf + off);
-    check_q3k_pieces<4>(*b, "q3k_pieces");
-    check_q3k_pieces<8>(*b, "q3k_pieces");
+    check_gemm_pieces<GGMLType::Q3_K, 4>(*b, "q3k_pieces");
+    check_gemm_pieces<GGMLType::Q3_K, 8>(*b, "q3k_pieces");
     // words8_at2 reads the 8-byte words from below p to past p + 32: for hmask (the block's start)
     // at most 6 bytes before the block, for qs (32 + 32n, n = 0, 1) at most 8 past byte 96 + 32n - 32.
     const uintptr_t lo = reinterpret_cast<uintptr_t>(b->hmask) & ~uintptr_t{7};
@@ -391,8 +380,8 @@ void test_gemm_pieces(std::mt19937_64& gen) {
     alignas(8) uint8_t buf[8 + 210 + 16];
     for (auto& v : buf) v = static_cast<uint8_t>(gen());
     const auto* b = reinterpret_cast<const block_q6_K*>(buf + 8 + 2 * (trial % 4));
-    check_q6k_pieces<4>(*b, "q6k_pieces");
-    check_q6k_pieces<8>(*b, "q6k_pieces");
+    check_gemm_pieces<GGMLType::Q6_K, 4>(*b, "q6k_pieces");
+    check_gemm_pieces<GGMLType::Q6_K, 8>(*b, "q6k_pieces");
     const uintptr_t at = reinterpret_cast<uintptr_t>(b);
     const uintptr_t hi = (reinterpret_cast<uintptr_t>(b->qh + 32) & ~uintptr_t{7}) + 40;
     CHECK(at - (at & ~uintptr_t{7}) <= 6 && hi <= at + 210, "q6k_pieces reads past the block\n");
