@@ -341,6 +341,22 @@ JM_HD void words8_at2(const uint8_t* p, uint32_t (&w)[8]) {
   for (int i = 0; i < 8; ++i) w[i] = funnel_r(up ? v[i + 1] : v[i], up ? v[i + 2] : v[i + 1], sh);
 }
 
+// Q8_0's four pieces of one block (its 32 qs bytes, 2 bytes into the 34-byte block, which is
+// 2-byte aligned) as Format<Q8_0>::quant8 gives them, from aligned 4-byte loads: eight where the qs
+// bytes are 4-aligned, else nine from 2 bytes before them (the block's d) to 2 past the block,
+// which the fused GEMM's raw stage rows hold (plan.h gguf_raw_row_bytes), and a 16-bit funnel shift.
+JM_HD void q8_0_pieces(const block_q8_0& b, uint64_t* q) {
+  const auto a = reinterpret_cast<uintptr_t>(b.qs);
+  const auto* w = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{3});
+  const int sh = 8 * static_cast<int>(a & 2);
+  uint32_t v[9];
+  for (int i = 0; i < 8; ++i) v[i] = w[i];
+  v[8] = sh != 0 ? w[8] : 0u;
+  for (int p = 0; p < 4; ++p)
+    q[p] = static_cast<uint64_t>(funnel_r(v[2 * p], v[2 * p + 1], sh)) |
+           (static_cast<uint64_t>(funnel_r(v[2 * p + 1], v[2 * p + 2], sh)) << 32);
+}
+
 // Q3_K's quants of DP pieces (elements i0 + 8p, p = 0 .. DP - 1, of one block; i0 % 32 == 0 and
 // 8 DP <= 64, so all in one half n = i0 / 128), as Format<Q3_K>::quant8 gives each: the half's 32
 // qs bytes and the block's 32 hmask bytes read once (words8_at2), then per piece the low 2 bits 2j

@@ -224,7 +224,9 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
           for (int p = 0; p < PPS; ++p) q[g * PPS + p] = F::codes8(blk, kc % F::QK + 8 * p);
         } else {
           scale_min_nb<F>(blk, (kc % F::QK) / F::SUB, sc[g], mn[g]);
-          if constexpr (F::type != GGMLType::Q3_K && F::type != GGMLType::Q6_K) {
+          if constexpr (F::type == GGMLType::Q8_0) {
+            q8_0_pieces(blk, q + g * PPS);  // the block's 32 quants as words, not 2-byte loads
+          } else if constexpr (F::type != GGMLType::Q3_K && F::type != GGMLType::Q6_K) {
 #pragma unroll
             for (int p = 0; p < PPS; ++p) q[g * PPS + p] = F::quant8(blk, kc % F::QK + 8 * p);
           }

@@ -373,6 +373,21 @@ void test_gemm_pieces(std::mt19937_64& gen) {
           "words8_at2 reads from %d bytes before the block to %d past its start\n",
           static_cast<int>(reinterpret_cast<uintptr_t>(b) - lo), static_cast<int>(hi - reinterpret_cast<uintptr_t>(b)));
   }
+  // Q8_0 (34-byte blocks): the four pieces of a block from nine 4-byte words, which start at most
+  // 2 bytes before qs (inside the block) and end at most 2 past the block.
+  for (int trial = 0; trial < 2000; ++trial) {
+    alignas(8) uint8_t buf[8 + 34 + 8];
+    for (auto& v : buf) v = static_cast<uint8_t>(gen());
+    const auto* b = reinterpret_cast<const block_q8_0*>(buf + 8 + 2 * (trial % 4));
+    uint64_t q[4];
+    q8_0_pieces(*b, q);
+    for (int p = 0; p < 4; ++p)
+      CHECK(q[p] == Format<GGMLType::Q8_0>::quant8(*b, 8 * p), "q8_0_pieces: piece %d at offset %d\n", p, trial % 4);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(b->qs), first = at & ~uintptr_t{3};
+    const uintptr_t end = first + (at % 4 ? 36 : 32);
+    CHECK(first >= reinterpret_cast<uintptr_t>(b) && end <= reinterpret_cast<uintptr_t>(b) + 34 + 2,
+          "q8_0_pieces reads outside the block and the 2 bytes after it\n");
+  }
   // Q6_K likewise (210-byte blocks): ql from byte 0 (6 bytes before it at most) to 128 + 8, qh
   // from 128 to 200 + 8 at most.
   static_assert(sizeof(block_q6_K) == 210, "210-byte blocks");
@@ -452,17 +467,18 @@ void test_q8_1(std::mt19937_64& gen) {
         if (trial % 5 == 4) x[trial % F::QK] = NAN;
         for (int b = 0; b < F::QK / QK8_1; ++b) stage_q8_1([&](int i) { return x[b * QK8_1 + i]; }, xs[b]);
         const float got = dot_block_q8_1<F>(w, xs);
-        double ref = 0, mag = 0;
+        double ref = 0, mag = 0, magq = 0;
         for (int i = 0; i < F::QK; ++i) {
           const double xv = double(xs[i / QK8_1].d) * xs[i / QK8_1].qs[i % QK8_1];
           ref += double(dec[i]) * xv;
           mag += std::fabs(double(dec[i]) * xv);
+          magq += std::fabs(double(dec[i]) * xs[i / QK8_1].qs[i % QK8_1]);
         }
         if (std::isnan(ref) || trial % 5 == 4) {
           CHECK(std::isnan(got) || !std::isfinite(ref), "%s: NaN was masked (got %g)", type_name(t), got);
-        } else if (std::isfinite(ref) && mag <= FLT_MAX) {
+        } else if (std::isfinite(ref) && mag <= FLT_MAX && magq <= FLT_MAX) {
           // (Past FLT_MAX a partial f32 sum may overflow where the double one does not: MXFP4's
-          // scales reach 2^127.)
+          // scales reach 2^127. magq bounds the contract's a * sum(q_w q_x) before its d_x.)
           CHECK(std::fabs(got - ref) <= 1e-4 * mag + 1e-30, "%s: dot %g vs %g (mag %g)", type_name(t), got, ref, mag);
         }
       }
