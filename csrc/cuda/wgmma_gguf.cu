@@ -208,8 +208,9 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
       const uint8_t* chunk = wr + s * (kSuper / F::QK) * C::BB;
       const uint8_t* mine = raw_gen + (s % C::RAW_STAGES) * C::RAW_BYTES + wrow * C::RAW_ROW +
                             (reinterpret_cast<uintptr_t>(chunk) & 15);
-      // MXFP4 with bf16 activations: the E2M1 codes straight to bf16 and one bf16 product by the
-      // block's scale (two past e = 128), as the tensor-core GEMV (decode.cuh mxfp4_bf16_scaled).
+      // MXFP4 with bf16 activations: the E2M1 codes straight to bf16 and bf16 products by the
+      // block's scale factors (decode.cuh mxfp4_bf16_scaled, as the tensor-core GEMV's rare path):
+      // both products always, since a select between one and two products computed both.
       constexpr bool kMxfp4Bf16 = F::type == GGMLType::MXFP4 && D == DType::BF16;
       float sc[NSUB], mn[NSUB];
       uint8_t ex[NSUB];
@@ -245,7 +246,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_wgmma_gguf_
         if constexpr (kMxfp4Bf16) {
           const uint8_t e = ex[p / PPS];
           const Bf16x2x4 b = e2m1_bf16x8(static_cast<uint32_t>(q[p]), static_cast<uint32_t>(q[p] >> 32));
-          v = e > 128 ? mxfp4_bf16_scaled<true>(b, mxfp4_bf16_scale(e)) : mxfp4_bf16_scaled<false>(b, mxfp4_bf16_scale(e));
+          v = mxfp4_bf16_scaled<true>(b, mxfp4_bf16_scale(e));  // s2 = 1 where e <= 128: exact
         } else {
           v = decode_quants8<F, D>(q[p], sc[p / PPS], mn[p / PPS]);
         }
