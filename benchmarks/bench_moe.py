@@ -126,6 +126,12 @@ def route(rng, T: int, E: int, k: int) -> np.ndarray:
     return np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int32)
 
 
+def floor_s(touched_bytes: float, flops: float) -> float:
+    """A row's floor in seconds: its routed experts' bytes at HBM_TBS or its flops at BF16_TFLOPS,
+    whichever takes longer."""
+    return max(touched_bytes / (HBM_TBS * 1e12), flops / (BF16_TFLOPS * 1e12))
+
+
 def bench_row(rng, key, model: str, proj: str, T: int, kind: MoeKind, fmt: str, opts) -> dict:
     sh = SHAPES[(model, proj)]
     E, k, K, N, per_pair = sh["E"], sh["k"], sh["K"], sh["N"], sh["per_pair"]
@@ -143,7 +149,7 @@ def bench_row(rng, key, model: str, proj: str, T: int, kind: MoeKind, fmt: str, 
     keys = jax.random.split(key, copies)
     ws = [random_experts(kk, fmt, E, N, K) for kk in keys]
     flops = 2.0 * T * k * N * K
-    floor = max(touched_bytes / (HBM_TBS * 1e12), flops / (BF16_TFLOPS * 1e12))
+    floor = floor_s(touched_bytes, flops)
     # Enough calls that the slope measures >= ~1.5 ms of device work (noise of the fixed cost).
     calls = int(min(max(math.ceil(1.5e-3 / floor), 10, 2 * copies), 64))
     idsj = jnp.asarray(ids)

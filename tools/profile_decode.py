@@ -81,8 +81,7 @@ def run(out_path: str, only: str, ts: tuple[int, ...] | None = None) -> None:
         f = jax.jit(lambda x, ids, w, s: moe_matmul(x, ids, w, scores=s, kind=kind, reduce=per_pair))
         for _ in range(CALLS):
             f(x, jnp.asarray(ids), w, scores).block_until_ready()
-        floor_us = max(len(np.unique(ids)) * bm.expert_bytes(fmt, N, K) / (bm.HBM_TBS * 1e12),
-                       2.0 * T * k * N * K / (bm.BF16_TFLOPS * 1e12)) * 1e6
+        floor_us = bm.floor_s(len(np.unique(ids)) * bm.expert_bytes(fmt, N, K), 2.0 * T * k * N * K) * 1e6
         rows.append(dict(tag=tag, plan=plan, floor_us=floor_us))
         print(f"{tag}: {plan}", file=sys.stderr, flush=True)
     with open(out_path, "w") as fh:
